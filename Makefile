@@ -1,0 +1,38 @@
+# patchserve — the two set-up commands are `make run` and `make test`; both install what they need.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.patchserve-installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install model run test test-unit lint bench clean
+
+# Idempotent: re-runs only when the venv is missing or the dependency list changed.
+$(STAMP): pyproject.toml scripts/install.py
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q packaging
+	$(PY) scripts/install.py $(if $(GPU),--gpu,)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(PY) -m patches.cli prepare-model
+
+# Serves the embedded model with the demo tenants on 127.0.0.1:8000 (PATCHSERVE_HOST/PORT change it).
+run: model
+	PATCHSERVE_DEMO_PATCH=$${PATCHSERVE_DEMO_PATCH:-1} $(PY) -m server
+
+test: model
+	$(PY) -m ruff check server patches tests
+	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest -m "not engine"
+
+lint: install
+	$(PY) -m ruff check server patches tests
+	$(PY) -m ruff format --check server patches tests
+
+clean:
+	rm -rf $(VENV) var bench-results

@@ -1,0 +1,59 @@
+"""Exceptions raised by the patch lifecycle. Only the HTTP layer turns them into responses."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RejectReason(StrEnum):
+    """Why a patch file or a patch reference was refused; also the metrics label."""
+
+    bad_name = "bad_name"
+    bad_format = "bad_format"
+    truncated = "truncated"
+    oversized = "oversized"
+    bad_dtype = "bad_dtype"
+    bad_shape = "bad_shape"
+    non_finite = "non_finite"
+    wrong_model = "wrong_model"
+    unsigned = "unsigned"
+    bad_signature = "bad_signature"
+    unknown_key = "unknown_key"
+    revoked = "revoked"
+    rollback = "rollback"
+    in_use = "in_use"
+
+
+class PatchError(Exception):
+    """Base class of every error in :mod:`patches`."""
+
+
+class PatchNotFound(PatchError):
+    """A patch name or ``name@version`` that is not loaded."""
+
+
+class PatchRejected(PatchError):
+    """A patch file or operation refused for a named reason."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SignatureError(PatchRejected):
+    """The file's signature is missing, invalid, or made by a key that is not trusted."""
+
+
+class RollbackError(PatchRejected):
+    """A version lower than the highest accepted one for the same name."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(RejectReason.rollback, message)
+
+
+class StackError(PatchError):
+    """A malformed patch-stack specification (for example a bad ``X-Patch-Stack`` header)."""
+
+
+class TenantConfigError(PatchError):
+    """A tenant configuration file that cannot be used."""

@@ -1,0 +1,117 @@
+"""Application factory and lifespan: settings → model → patches and tenants → engine, on ``app.state``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+
+from patches.basemodel import DEFAULT_MODEL_NAME, prepare_default_model
+from patches.demo import write_demo_patch
+from patches.fingerprint import model_spec
+from patches.format import load_patch
+from patches.registry import PatchRegistry
+from patches.tenants import load_tenants
+from server.engine import Engine, EngineConfig, VllmEngine
+from server.errors import install_handlers
+from server.prompting import PromptEncoder
+from server.routes import chat, completions, health, models
+from server.serving import CompletionService
+from server.settings import Settings
+from server.tenancy import TenantResolver
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[EngineConfig], Awaitable[Engine]]
+
+
+def _model_dir(settings: Settings) -> tuple[Path, str]:
+    if settings.model is None:
+        return prepare_default_model(settings.cache_dir), settings.served_model_name or DEFAULT_MODEL_NAME
+    if not (settings.model / "config.json").is_file():
+        raise FileNotFoundError(f"PATCHSERVE_MODEL={settings.model} is not a model directory (no config.json)")
+    return settings.model, settings.served_model_name or settings.model.name
+
+
+def _load_patches_and_tenants(app: FastAPI, settings: Settings, model_dir: Path) -> None:
+    spec = model_spec(model_dir, max_rows=settings.max_patch_tokens, dtype=settings.dtype)
+    if settings.demo_patch:
+        write_demo_patch(model_dir, settings.patch_dir)
+    settings.patch_dir.mkdir(parents=True, exist_ok=True)
+    registry = PatchRegistry(partial(load_patch, expect=spec))
+    registry.load_dir(settings.patch_dir)
+    encoder = PromptEncoder(model_dir, settings.separator)
+    app.state.spec = spec
+    app.state.registry = registry
+    app.state.encoder = encoder
+    app.state.resolver = TenantResolver(
+        load_tenants(settings.tenants_file),
+        registry,
+        separator_id=encoder.separator_id,
+        dtype=getattr(torch, settings.dtype),
+    )
+
+
+async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
+    settings: Settings = app.state.settings
+    try:
+        model_dir, name = await asyncio.to_thread(_model_dir, settings)
+        app.state.model_name = name
+        await asyncio.to_thread(_load_patches_and_tenants, app, settings, model_dir)
+        config = EngineConfig(
+            model_dir=model_dir,
+            served_model_name=name,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            block_size=settings.block_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=settings.enforce_eager,
+        )
+        app.state.engine = await engine_factory(config)
+        app.state.service = CompletionService(app.state.engine, app.state.encoder, name)
+        log.info("patchserve ready: model %s, %d patch versions loaded", name, len(app.state.registry.entries()))
+    except Exception as exc:
+        log.exception("start-up failed")
+        app.state.startup_error = f"start-up failed: {type(exc).__name__}: {exc}"
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    task = asyncio.create_task(_start(app, app.state.engine_factory))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if app.state.engine is not None:
+            await app.state.engine.shutdown()
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """Build the app. Start-up work (model, patches, engine) runs in the background after the lifespan
+    starts, so ``/healthz`` answers at once and ``/readyz`` turns 200 when everything is loaded.
+
+    Args:
+        settings: Defaults to ``Settings()`` (environment and config file).
+        engine_factory: Starts the engine; defaults to :meth:`VllmEngine.start` (tests pass a fake).
+    """
+    app = FastAPI(title="patchserve", version="0.1.0", lifespan=_lifespan)
+    state = app.state
+    state.settings = settings or Settings()
+    state.engine_factory = engine_factory or VllmEngine.start
+    state.model_name = state.settings.served_model_name or DEFAULT_MODEL_NAME
+    state.engine = state.service = state.resolver = state.registry = None
+    state.startup_error = None
+    install_handlers(app)
+    for module in (chat, completions, models, health):
+        app.include_router(module.router)
+    return app

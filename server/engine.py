@@ -1,0 +1,195 @@
+"""The engine adapter: the only module that imports vLLM.
+
+:class:`Engine` is the small interface the service layer uses; :class:`VllmEngine` implements it with
+an in-process ``AsyncLLM`` (prompt embeddings and prefix caching on). A patched request is sent in
+vLLM's mixed mode: ``prompt_token_ids`` covers the whole input, ``prompt_is_token_ids`` is False on
+the patch rows, and ``prompt_embeds`` carries those rows (zeros elsewhere), so the prompt itself is
+embedded by the model's own table. Each stack gets its own ``cache_salt``, so prefix-cache blocks are
+shared only by requests with the identical stack (never across tenants or patch versions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from patches.stack import Prefix
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Engine-neutral sampling parameters."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One generation: the stack's prefix (or None) in front of ``prompt_token_ids``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    prefix: Prefix | None
+    sampling: SamplingSpec
+    cache_salt: str | None = None
+
+    @property
+    def total_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids) + (len(self.prefix) if self.prefix else 0)
+
+
+@dataclass(frozen=True)
+class EngineChunk:
+    """New output of one choice: a text delta, and the finish reason on its last chunk."""
+
+    index: int
+    text: str
+    n_tokens: int
+    finish_reason: str | None
+    cached_tokens: int = 0
+
+
+class EngineRequestError(ValueError):
+    """The engine refused the request's input (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is not running (HTTP 503)."""
+
+
+class Engine(Protocol):
+    """What the service layer needs from an engine."""
+
+    max_model_len: int
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]: ...
+
+    async def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    served_model_name: str
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    block_size: int = 32
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = False
+
+
+class VllmEngine:
+    """:class:`Engine` backed by an in-process vLLM ``AsyncLLM``."""
+
+    def __init__(self, llm: AsyncLLM, config: EngineConfig) -> None:
+        self._llm = llm
+        self.config = config
+        self.max_model_len = config.max_model_len
+        self._dtype = getattr(torch, config.dtype)
+
+    @classmethod
+    async def start(cls, config: EngineConfig) -> VllmEngine:
+        """Start the engine (spawns vLLM's engine-core process; tens of seconds)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(config.model_dir),
+            served_model_name=config.served_model_name,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            block_size=config.block_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            enable_prompt_embeds=True,
+            enable_prefix_caching=True,
+            trust_remote_code=False,  # security: never run model-repo code
+            disable_log_stats=False,
+        )
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        return cls(llm, config)
+
+    def _prompt(self, request: EngineRequest) -> dict[str, Any]:
+        if request.prefix is None:
+            prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
+        else:
+            prefix = request.prefix
+            embeds = torch.zeros(request.total_prompt_tokens, prefix.embeds.shape[1], dtype=self._dtype)
+            embeds[: len(prefix)] = prefix.embeds
+            prompt = {
+                "prompt_embeds": embeds,
+                "prompt_token_ids": prefix.token_ids + request.prompt_token_ids,
+                "prompt_is_token_ids": prefix.is_token + [True] * len(request.prompt_token_ids),
+            }
+        if request.cache_salt:
+            prompt["cache_salt"] = request.cache_salt
+        return prompt
+
+    @staticmethod
+    def _params(spec: SamplingSpec):  # noqa: ANN205 - vllm.SamplingParams, imported lazily
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=spec.n,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            max_tokens=spec.max_tokens,
+            stop=spec.stop or None,
+            seed=spec.seed,
+            presence_penalty=spec.presence_penalty,
+            frequency_penalty=spec.frequency_penalty,
+            ignore_eos=spec.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        from vllm.exceptions import VLLMClientError, VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            stream = self._llm.generate(self._prompt(request), self._params(request.sampling), request.request_id)
+            async for out in stream:
+                cached = out.num_cached_tokens or 0
+                for choice in out.outputs:
+                    yield EngineChunk(
+                        index=choice.index,
+                        text=choice.text,
+                        n_tokens=len(choice.token_ids),
+                        finish_reason=choice.finish_reason,
+                        cached_tokens=cached,
+                    )
+        except VLLMValidationError as exc:
+            raise EngineRequestError(str(exc), getattr(exc, "parameter", None)) from exc
+        except VLLMClientError as exc:
+            raise EngineRequestError(str(exc)) from exc
+        except EngineDeadError as exc:
+            raise EngineUnavailable("the inference engine stopped; the server must be restarted") from exc
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self._llm.shutdown)

@@ -1,0 +1,240 @@
+"""The completion service: request + resolved stack → engine request → response or SSE stream.
+
+Chat and text completions share one path; a small *shaper* per endpoint turns engine chunks into
+that endpoint's wire objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from server.engine import Engine, EngineChunk, EngineRequest
+from server.errors import APIError, classify, error_body
+from server.prompting import PromptEncoder
+from server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    _SamplingRequest,
+    new_id,
+)
+from server.tenancy import ResolvedStack
+
+log = logging.getLogger(__name__)
+
+DONE_FRAME = "data: [DONE]\n\n"
+
+
+def sse_frame(model: BaseModel) -> str:
+    """One server-sent-events frame holding ``model`` as JSON."""
+    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+@dataclass
+class _Totals:
+    """Per-choice text and finish reasons, and token counts, accumulated over a generation."""
+
+    n: int
+    prompt_tokens: int
+    patch_tokens: int
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    finish: dict[int, str | None] = field(default_factory=dict)
+    completion_tokens: int = 0
+
+    def add(self, chunk: EngineChunk) -> None:
+        self.texts.setdefault(chunk.index, []).append(chunk.text)
+        self.completion_tokens += chunk.n_tokens
+        if chunk.finish_reason is not None:
+            self.finish[chunk.index] = chunk.finish_reason
+
+    def text(self, index: int) -> str:
+        return "".join(self.texts.get(index, []))
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+            patch_tokens=self.patch_tokens,
+        )
+
+
+class _ChatShaper:
+    def __init__(self, model: str) -> None:
+        self.id, self.created, self.model = new_id("chatcmpl"), int(time.time()), model
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return sse_frame(
+            ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        )
+
+    def start(self, n: int) -> list[str]:
+        return [
+            self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]) for i in range(n)
+        ]
+
+    def delta(self, chunk: EngineChunk) -> str:
+        delta = ChatDelta(content=chunk.text) if chunk.text else ChatDelta()
+        return self._chunk([ChatChunkChoice(index=chunk.index, delta=delta, finish_reason=chunk.finish_reason)])
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage)
+
+    def response(self, totals: _Totals) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(index=i, message=ChatResponseMessage(content=totals.text(i)), finish_reason=totals.finish.get(i))
+            for i in range(totals.n)
+        ]
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=totals.usage()
+        )
+
+
+class _CompletionShaper:
+    def __init__(self, model: str, prefix_text: str = "") -> None:
+        self.id, self.created, self.model = new_id("cmpl"), int(time.time()), model
+        self.prefix_text = prefix_text  # the echoed prompt, if echo was asked for
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return sse_frame(
+            CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        )
+
+    def start(self, n: int) -> list[str]:
+        if not self.prefix_text:
+            return []
+        return [self._chunk([CompletionChoice(index=i, text=self.prefix_text)]) for i in range(n)]
+
+    def delta(self, chunk: EngineChunk) -> str:
+        return self._chunk([CompletionChoice(index=chunk.index, text=chunk.text, finish_reason=chunk.finish_reason)])
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage)
+
+    def response(self, totals: _Totals) -> CompletionResponse:
+        choices = [
+            CompletionChoice(index=i, text=self.prefix_text + totals.text(i), finish_reason=totals.finish.get(i))
+            for i in range(totals.n)
+        ]
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=totals.usage()
+        )
+
+
+_Shaper = _ChatShaper | _CompletionShaper
+
+
+class CompletionService:
+    """Runs chat and text completions for a resolved patch stack.
+
+    Args:
+        engine: The inference engine.
+        encoder: Tokenizer and chat template of the served model.
+        model_name: Model id reported in responses.
+    """
+
+    def __init__(self, engine: Engine, encoder: PromptEncoder, model_name: str) -> None:
+        self.engine = engine
+        self.encoder = encoder
+        self.model_name = model_name
+
+    async def chat(
+        self, request: ChatCompletionRequest, stack: ResolvedStack
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """Create a chat completion (a response, or SSE frames when ``stream`` is set)."""
+        prompt_ids = self.encoder.chat(request.messages)
+        return await self._run(request, stack, prompt_ids, _ChatShaper(self.model_name), "messages")
+
+    async def complete(
+        self, request: CompletionRequest, stack: ResolvedStack
+    ) -> CompletionResponse | AsyncIterator[str]:
+        """Create a text completion (a response, or SSE frames when ``stream`` is set)."""
+        if request.suffix:
+            raise APIError(400, "suffix is not supported by this model", param="suffix")
+        if isinstance(request.prompt, str):
+            prompt_ids = self.encoder.encode(request.prompt)
+            echo_text = request.prompt
+        else:
+            prompt_ids = list(request.prompt)  # type: ignore[arg-type]
+            if any(not 0 <= t < self.encoder.vocab_size for t in prompt_ids):
+                raise APIError(400, f"prompt token ids must be in [0, {self.encoder.vocab_size})", param="prompt")
+            echo_text = self.encoder.tokenizer.decode(prompt_ids)
+        shaper = _CompletionShaper(self.model_name, echo_text if request.echo else "")
+        return await self._run(request, stack, prompt_ids, shaper, "prompt")
+
+    def _engine_request(
+        self, request: _SamplingRequest, stack: ResolvedStack, prompt_ids: list[int], prompt_param: str
+    ) -> EngineRequest:
+        max_len = self.engine.max_model_len
+        prefix_len = len(stack.prefix) if stack.prefix else 0
+        total = prefix_len + len(prompt_ids)
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param=prompt_param)
+        if total >= max_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_len} tokens. The prompt has {total} tokens "
+                f"({len(prompt_ids)} prompt + {prefix_len} patch), leaving no room for output.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        room = max_len - total
+        wanted = request.requested_max_tokens()
+        if wanted is not None and wanted > room:
+            raise APIError(
+                400,
+                f"max_tokens={wanted} is too large: the prompt uses {total} of the model's {max_len} context "
+                f"tokens ({prefix_len} of them patch tokens), so at most {room} can be generated.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return EngineRequest(
+            request_id=new_id("req"),
+            prompt_token_ids=prompt_ids,
+            prefix=stack.prefix,
+            sampling=request.to_sampling(default_max_tokens=room),
+            cache_salt=stack.cache_salt,
+        )
+
+    async def _run(
+        self, request: _SamplingRequest, stack: ResolvedStack, prompt_ids: list[int], shaper: _Shaper, param: str
+    ) -> BaseModel | AsyncIterator[str]:
+        engine_request = self._engine_request(request, stack, prompt_ids, param)
+        totals = _Totals(
+            n=request.n, prompt_tokens=len(prompt_ids), patch_tokens=len(stack.prefix) if stack.prefix else 0
+        )
+        if request.stream:
+            return self._stream(engine_request, shaper, totals, request.include_usage)
+        async for chunk in self.engine.generate(engine_request):
+            totals.add(chunk)
+        return shaper.response(totals)
+
+    async def _stream(
+        self, engine_request: EngineRequest, shaper: _Shaper, totals: _Totals, include_usage: bool
+    ) -> AsyncIterator[str]:
+        try:
+            for frame in shaper.start(totals.n):
+                yield frame
+            async for chunk in self.engine.generate(engine_request):
+                totals.add(chunk)
+                if chunk.text or chunk.finish_reason is not None:
+                    yield shaper.delta(chunk)
+            if include_usage:
+                yield shaper.usage(totals.usage())
+        except Exception as exc:  # after the 200 went out, errors travel as an error frame
+            status, message, param = classify(exc)
+            yield f"data: {error_body(status, message, param=param).model_dump_json()}\n\n"
+        yield DONE_FRAME

@@ -1,0 +1,73 @@
+"""All server settings, from ``PATCHSERVE_*`` environment variables and an optional YAML file.
+
+Precedence (highest first): constructor arguments, environment variables, the YAML file named by
+``PATCHSERVE_CONFIG_FILE``, defaults. Built inside ``create_app``/``main``, never at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from patches.basemodel import default_cache_dir
+
+log = logging.getLogger(__name__)
+CONFIG_FILE_ENV = "PATCHSERVE_CONFIG_FILE"
+
+
+class Settings(BaseSettings):
+    """patchserve's configuration. Every field is ``PATCHSERVE_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="PATCHSERVE_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    model: Path | None = Field(None, description="Local HF model directory; unset = embedded SmolLM2-135M-Instruct.")
+    served_model_name: str | None = Field(None, description="Model id in the API; default: the directory name.")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where the default model is prepared.")
+    patch_dir: Path = Field(Path("var/patches"), description="Directory of patch files (*.safetensors).")
+    tenants_file: Path = Field(Path("deploy/demo/tenants.yaml"), description="Tenant configuration (YAML).")
+    demo_patch: bool = Field(False, description="Write the untrained demo patch into patch_dir at start-up.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Engine compute dtype.")
+    max_model_len: int = Field(2048, ge=64, description="Context length (patch rows + prompt + output).")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences the engine batches at once.")
+    block_size: int = Field(32, ge=16, description="KV-cache block size (a multiple of 32 on CPU).")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Share of accelerator memory (of RAM on CPU) for weights and KV cache."
+    )
+    enforce_eager: bool = Field(False, description="Skip graph compilation: ~4x faster start, ~5% slower.")
+    max_patch_tokens: int = Field(256, ge=1, description="Most virtual tokens one patch may carry.")
+    separator: str = Field("\n", description="Text of the single token placed between stacked patches.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.block_size % 16:
+            raise ValueError(f"block_size must be a multiple of 16 (of 32 on CPU), got {self.block_size}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file := os.environ.get(CONFIG_FILE_ENV):
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"{CONFIG_FILE_ENV}={config_file} does not exist")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)

@@ -1,0 +1,77 @@
+"""Helpers shared by the test suites: patch files for the real model, and a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from patches.fingerprint import embedding_matrix, fingerprint_model
+from patches.format import PatchMetadata, save_patch
+from patches.textinit import text_init_rows
+from server.engine import EngineChunk, EngineRequest
+
+PATCH_TEXTS = {
+    "alpha": "Answer briefly and politely.",
+    "beta": "Always mention the weather in your reply.",
+    "gamma": "Refuse anything that could hurt someone.",
+}
+
+
+def write_patch(
+    model_dir: Path,
+    patch_dir: Path,
+    name: str,
+    *,
+    version: int = 1,
+    n_tokens: int = 12,
+    noise: float = 0.0,
+    seed: int = 0,
+    text: str | None = None,
+) -> Path:
+    """A valid patch for ``model_dir``: text-initialised rows plus optional seeded noise."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.encode(text or PATCH_TEXTS.get(name, f"Patch {name} version {version}."))
+    rows = text_init_rows(embedding_matrix(model_dir), ids, n_tokens)
+    if noise:
+        rows = rows + noise * torch.randn(rows.shape, generator=torch.Generator().manual_seed(seed))
+    meta = PatchMetadata(
+        name=name, version=version, base_model=fingerprint_model(model_dir), description=f"test patch {name}"
+    )
+    patch_dir.mkdir(parents=True, exist_ok=True)
+    return save_patch(patch_dir / f"{name}-v{version}.safetensors", rows, meta)
+
+
+class FakeEngine:
+    """A scripted engine: answers ``" w0 w1 …"`` and records every request it gets.
+
+    The first word names the prefix length (``P<n>``) so tests can see which stack reached the engine.
+    ``fail_after`` makes generation raise after that many chunks (to test mid-stream errors).
+    """
+
+    def __init__(self, max_model_len: int = 256) -> None:
+        self.max_model_len = max_model_len
+        self.requests: list[EngineRequest] = []
+        self.fail_after: int | None = None
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        self.requests.append(request)
+        prefix_len = len(request.prefix) if request.prefix else 0
+        n_tokens = request.sampling.max_tokens
+        sent = 0
+        for step in range(n_tokens):
+            for index in range(request.sampling.n):
+                if self.fail_after is not None and sent >= self.fail_after:
+                    raise RuntimeError("fake engine failure")
+                text = f" P{prefix_len}" if step == 0 else f" w{step}"
+                yield EngineChunk(
+                    index=index, text=text, n_tokens=1, finish_reason="length" if step == n_tokens - 1 else None
+                )
+                sent += 1
+            await asyncio.sleep(0)
+
+    async def shutdown(self) -> None:
+        return None
