@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.patchserve-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install model run test test-unit lint bench clean
+.PHONY: install model run test test-unit lint bench-swap bench-blocks clean
 
 # Idempotent: re-runs only when the venv is missing or the dependency list changed.
 $(STAMP): pyproject.toml scripts/install.py
@@ -20,8 +20,12 @@ model: install
 	$(PY) -m patches.cli prepare-model
 
 # Serves the embedded model with the demo tenants on 127.0.0.1:8000 (PATCHSERVE_HOST/PORT change it).
+# The demo patch is signed with the committed DEMO-ONLY key (deploy/demo/keys/README.md).
 run: model
-	PATCHSERVE_DEMO_PATCH=$${PATCHSERVE_DEMO_PATCH:-1} $(PY) -m server
+	@pd=$${PATCHSERVE_PATCH_DIR:-var/patches}; \
+	$(PY) -m patches.cli demo-patch "$$pd" --key deploy/demo/keys/demo-signer.key && \
+	PATCHSERVE_PATCH_DIR="$$pd" PATCHSERVE_TRUST_DIR=$${PATCHSERVE_TRUST_DIR:-deploy/demo/trust} \
+	exec $(PY) -m server
 
 test: model
 	$(PY) -m ruff check server patches tests
@@ -33,6 +37,12 @@ test-unit: install
 lint: install
 	$(PY) -m ruff check server patches tests
 	$(PY) -m ruff format --check server patches tests
+
+bench-swap: model
+	$(PY) -m bench.swap_latency
+
+bench-blocks: model
+	$(PY) -m bench.block_size
 
 clean:
 	rm -rf $(VENV) var bench-results

@@ -1,15 +1,22 @@
-"""The ``patchserve`` command line: model preparation, patch files and tenant keys."""
+"""The ``patchserve`` command line: model preparation, patch files, signing keys and audits.
+
+Exit codes: 0 success (``diff``: identical), 1 verification failed (``diff``: differences found), 2
+unusable input (missing or malformed file, bad key, wrong file kind).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, NoReturn, cast
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from patches.basemodel import default_cache_dir, prepare_default_model
+from patches.errors import PatchRejected, TenantConfigError
 
 app = typer.Typer(no_args_is_help=True, help="patchserve: signed safety patches for LLM serving.")
 console = Console()
@@ -28,11 +35,14 @@ def prepare_model(
 def demo_patch(
     patch_dir: Annotated[Path, typer.Argument(help="Directory to write demo-safety.safetensors into")],
     model: Annotated[Path | None, typer.Option(help="Model dir (default: the embedded model)")] = None,
+    key: Annotated[Path | None, typer.Option(help="Ed25519 private key to sign it with")] = None,
 ) -> None:
-    """Write the untrained, text-initialised demo patch (DEMO ONLY) for a model."""
+    """Write the untrained, text-initialised demo patch (DEMO ONLY) for a model, signed when --key is given."""
     from patches.demo import write_demo_patch
+    from patches.signing import load_private_key
 
-    console.print(str(write_demo_patch(model or prepare_default_model(), patch_dir)))
+    private = load_private_key(key) if key is not None else None
+    console.print(str(write_demo_patch(model or prepare_default_model(), patch_dir, key=private)))
 
 
 @app.command("hash-key")
@@ -41,6 +51,188 @@ def hash_key(key: Annotated[str, typer.Argument(help="An API key to store in a t
     from patches.tenants import hash_api_key
 
     console.print(hash_api_key(key))
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``message`` to stderr and exit with ``code``."""
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc.strerror}")
+
+
+@app.command("keygen")
+def keygen(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for <name>.key (private, 0600) and <name>.pub")],
+    name: Annotated[str, typer.Option(help="Base name of the key files")],
+) -> None:
+    """Create an Ed25519 signing key pair and print its key id."""
+    from patches.signing import generate_keypair, key_id, load_public_key
+
+    try:
+        private_path, public_path = generate_keypair(out_dir, name)
+    except (ValueError, FileExistsError) as exc:
+        _fail(str(exc))
+    typer.echo(f"key id  {key_id(load_public_key(public_path))}")
+    typer.echo(f"private {private_path}")
+    typer.echo(f"public  {public_path}")
+
+
+@app.command("sign")
+def sign(
+    patch: Annotated[Path, typer.Argument(help="Patch file to sign")],
+    key: Annotated[Path, typer.Option(help="Ed25519 private key (PEM PKCS8)")],
+    out: Annotated[Path | None, typer.Option(help="Write the signed file here (default: sign in place)")] = None,
+) -> None:
+    """Sign a patch file (replacing any older signature) and print its ref, content digest and signer."""
+    from patches.format import content_digest, read_patch, write_atomic
+    from patches.signing import load_private_key, sign_patch
+
+    data = _read(patch)
+    try:
+        private_key = load_private_key(key)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot use signing key: {exc}")
+    try:
+        signed = sign_patch(data, private_key)
+    except PatchRejected as exc:
+        _fail(f"[{exc.reason}] {exc}")
+    meta, tensor, raw = read_patch(signed)
+    target = out or patch
+    try:
+        write_atomic(target, signed)
+    except OSError as exc:
+        _fail(f"cannot write {target}: {exc.strerror}")
+    typer.echo(f"ref     {meta.ref}")
+    typer.echo(f"digest  {content_digest(raw, tensor)}")
+    typer.echo(f"signer  {meta.signer}")
+    typer.echo(f"file    {target}")
+
+
+@app.command("verify")
+def verify(
+    patch: Annotated[Path, typer.Argument(help="Patch file to verify")],
+    trust: Annotated[Path, typer.Option(help="Directory of trusted *.pub keys")],
+    revocations: Annotated[Path | None, typer.Option(help="Revocation list (YAML)")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model dir (default: the embedded model)")] = None,
+) -> None:
+    """Verify a patch against trusted keys, revocations and a model: exit 0 if it would be served, else 1."""
+    from patches.fingerprint import model_spec
+    from patches.signing import Verifier
+    from patches.trust import Revocations, TrustStore
+
+    if revocations is not None and not revocations.is_file():
+        _fail(f"revocation list {revocations} does not exist")
+    try:
+        store = TrustStore.load(trust)
+        revoked = Revocations.load(revocations)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+    try:
+        spec = model_spec(model or prepare_default_model())
+    except (OSError, KeyError, ValueError) as exc:
+        _fail(f"cannot read the model: {exc}")
+    try:
+        result = Verifier(store, revoked).verify(_read(patch), expect=spec)
+    except PatchRejected as exc:
+        _fail(f"[{exc.reason}] {exc}", code=1)
+    typer.echo(f"OK {result.ref} signed by {result.meta.signer}")
+
+
+def _inspect(patch: Path) -> dict[str, object]:
+    from patches.audit import inspect_patch
+
+    try:
+        return inspect_patch(_read(patch))
+    except PatchRejected as exc:
+        _fail(f"[{exc.reason}] {exc}")
+
+
+@app.command("inspect")
+def inspect(
+    patch: Annotated[Path, typer.Argument(help="Patch file")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+) -> None:
+    """Show a patch file's metadata, shape, norms, digests and signer (the signature is not verified)."""
+    info = _inspect(patch)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, ensure_ascii=False))
+        return
+    norms = cast(dict[str, float | None], info["row_norm"])
+    table = Table(title=f"patch {info['ref']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for name in ("name", "version", "format", "base_model", "domain", "description", "created"):
+        table.add_row(name.replace("_", " "), str(info[name]))
+    table.add_row("shape", " x ".join(str(d) for d in info["shape"]))  # type: ignore[union-attr]
+    table.add_row("dtype", str(info["dtype"]))
+    table.add_row("row L2 norm", "  ".join(f"{k} {_fmt_num(norms[k])}" for k in ("min", "mean", "max")))
+    table.add_row("overall L2 norm", _fmt_num(info["norm"]))
+    table.add_row("finite", "yes" if info["finite"] else "NO")
+    table.add_row("content digest", str(info["content_digest"]))
+    table.add_row("file sha256", str(info["file_sha256"]))
+    table.add_row("signer", f"{info['signer']} (not verified)" if info["signed"] else "unsigned")
+    Console().print(table)
+
+
+def _fmt_num(value: object) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _kind(path: Path) -> Literal["patch", "tenants"]:
+    """``patch`` for ``.safetensors`` files, ``tenants`` for YAML; otherwise by content."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "patch"
+    if suffix in {".yaml", ".yml"}:
+        return "tenants"
+    from patches.format import read_patch
+
+    try:
+        read_patch(_read(path))
+    except PatchRejected:
+        return "tenants"
+    return "patch"
+
+
+@app.command("diff")
+def diff(
+    a: Annotated[Path, typer.Argument(help="Old patch file or tenant file")],
+    b: Annotated[Path, typer.Argument(help="New file of the same kind")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of sentences")] = False,
+) -> None:
+    """Compare two patch files or two tenant files: one sentence per change; exit 1 if any, 0 if identical."""
+    from patches.audit import diff_patches, diff_tenants
+    from patches.tenants import load_tenants
+
+    kind_a, kind_b = _kind(a), _kind(b)
+    if kind_a != kind_b:
+        _fail(f"cannot compare a {kind_a} file with a {kind_b} file")
+    try:
+        if kind_a == "patch":
+            changes = diff_patches(_read(a), _read(b))
+        else:
+            changes = diff_tenants(load_tenants(a), load_tenants(b))
+    except PatchRejected as exc:
+        _fail(f"[{exc.reason}] {exc}")
+    except TenantConfigError as exc:
+        _fail(str(exc))
+    if as_json:
+        payload = {"kind": kind_a, "a": str(a), "b": str(b), "identical": not changes}
+        typer.echo(json.dumps({**payload, "changes": [c.to_dict() for c in changes]}, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(f"--- {a}\n+++ {b}")
+        for change in changes:
+            typer.echo(change.text)
+        if not changes:
+            typer.echo(f"identical {kind_a} files" if kind_a == "patch" else "identical tenant configurations")
+    if changes:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

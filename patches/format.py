@@ -140,12 +140,22 @@ def dump_patch(rows: torch.Tensor, meta: PatchMetadata) -> bytes:
     return st_save({TENSOR_KEY: rows.detach().contiguous().cpu()}, metadata=meta.to_header())
 
 
-def save_patch(path: Path, rows: torch.Tensor, meta: PatchMetadata) -> Path:
-    """Write a patch file atomically (temporary file, then rename) and return its path."""
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` through a hidden temporary file and a rename, so no reader or watcher sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(dump_patch(rows, meta))
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def save_patch(path: Path, rows: torch.Tensor, meta: PatchMetadata) -> Path:
+    """Write a patch file atomically and return its path."""
+    return write_atomic(path, dump_patch(rows, meta))
 
 
 def _read_header(data: bytes) -> dict[str, object]:
@@ -200,15 +210,22 @@ def _parse_metadata(raw: object) -> PatchMetadata:
     )
 
 
-def parse_patch(data: bytes, *, expect: ModelSpec) -> Patch:
-    """Validate format-v1 bytes against the served model and return the patch.
+def read_patch(data: bytes) -> tuple[PatchMetadata, torch.Tensor, dict[str, str]]:
+    """Format-level parse of v1 bytes, without any expectation about the model.
+
+    Runs the safetensors framing, metadata, tensor key, dtype and rank checks of :func:`parse_patch`
+    (not size, row count, width, fingerprint or finiteness): for tools that sign or inspect files.
+
+    Args:
+        data: The raw file bytes.
+
+    Returns:
+        The parsed metadata, the 2-D tensor in its stored dtype, and the raw metadata dict (what
+        :func:`content_digest` takes).
 
     Raises:
         PatchRejected: With the :class:`RejectReason` of the first failed check.
     """
-    max_bytes = expect.max_rows * expect.hidden_size * 4 + _MAX_HEADER + 8
-    if len(data) > max_bytes:
-        raise PatchRejected(RejectReason.oversized, f"patch file of {len(data)} bytes exceeds the limit of {max_bytes}")
     header = _read_header(data)
     meta = _parse_metadata(header.get("__metadata__"))
     keys = [k for k in header if k != "__metadata__"]
@@ -226,6 +243,19 @@ def parse_patch(data: bytes, *, expect: ModelSpec) -> Patch:
         )
     if tensor.ndim != 2:
         raise PatchRejected(RejectReason.bad_shape, f"patch tensor must be 2-D, got shape {list(tensor.shape)}")
+    return meta, tensor, header["__metadata__"]  # type: ignore[return-value]
+
+
+def parse_patch(data: bytes, *, expect: ModelSpec) -> Patch:
+    """Validate format-v1 bytes against the served model and return the patch.
+
+    Raises:
+        PatchRejected: With the :class:`RejectReason` of the first failed check.
+    """
+    max_bytes = expect.max_rows * expect.hidden_size * 4 + _MAX_HEADER + 8
+    if len(data) > max_bytes:
+        raise PatchRejected(RejectReason.oversized, f"patch file of {len(data)} bytes exceeds the limit of {max_bytes}")
+    meta, tensor, raw_meta = read_patch(data)
     rows, width = tensor.shape
     if not 1 <= rows <= expect.max_rows:
         raise PatchRejected(RejectReason.bad_shape, f"patch has {rows} virtual tokens; allowed 1 to {expect.max_rows}")
@@ -247,7 +277,7 @@ def parse_patch(data: bytes, *, expect: ModelSpec) -> Patch:
             f"patch {meta.ref} overflows to non-finite values in the model dtype {expect.dtype}",
         )
     rows_f32 = tensor.to(torch.float32)
-    digest = content_digest(header["__metadata__"], tensor)  # type: ignore[arg-type]
+    digest = content_digest(raw_meta, tensor)
     return Patch(meta=meta, rows=rows_f32.requires_grad_(False), digest=digest)
 
 

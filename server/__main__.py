@@ -13,6 +13,7 @@ from server.settings import Settings
 def main() -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change batch at INFO
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -14,18 +14,21 @@ import torch
 from fastapi import FastAPI
 
 from patches.basemodel import DEFAULT_MODEL_NAME, prepare_default_model
-from patches.demo import write_demo_patch
 from patches.fingerprint import model_spec
-from patches.format import load_patch
 from patches.registry import PatchRegistry
+from patches.rollback import VersionGuard
+from patches.signing import Verifier
 from patches.tenants import load_tenants
+from patches.trust import Revocations, TrustStore
+from server.admin import AdminService
 from server.engine import Engine, EngineConfig, VllmEngine
 from server.errors import install_handlers
 from server.prompting import PromptEncoder
-from server.routes import chat, completions, health, models
+from server.routes import admin, chat, completions, health, models
 from server.serving import CompletionService
 from server.settings import Settings
 from server.tenancy import TenantResolver
+from server.watcher import PatchWatcher
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +45,28 @@ def _model_dir(settings: Settings) -> tuple[Path, str]:
 
 def _load_patches_and_tenants(app: FastAPI, settings: Settings, model_dir: Path) -> None:
     spec = model_spec(model_dir, max_rows=settings.max_patch_tokens, dtype=settings.dtype)
-    if settings.demo_patch:
-        write_demo_patch(model_dir, settings.patch_dir)
+    trust = TrustStore.load(settings.trust_dir) if settings.trust_dir else TrustStore()
+    verifier = Verifier(trust, Revocations.load(settings.revocations_file), allow_unsigned=settings.allow_unsigned)
     settings.patch_dir.mkdir(parents=True, exist_ok=True)
-    registry = PatchRegistry(partial(load_patch, expect=spec))
-    registry.load_dir(settings.patch_dir)
+    registry = PatchRegistry(partial(verifier.verify, expect=spec), VersionGuard(settings.state_dir / "versions.json"))
+    tenants = load_tenants(settings.tenants_file)
     encoder = PromptEncoder(model_dir, settings.separator)
-    app.state.spec = spec
-    app.state.registry = registry
-    app.state.encoder = encoder
-    app.state.resolver = TenantResolver(
-        load_tenants(settings.tenants_file),
-        registry,
-        separator_id=encoder.separator_id,
-        dtype=getattr(torch, settings.dtype),
+    resolver = TenantResolver(
+        tenants, registry, separator_id=encoder.separator_id, dtype=getattr(torch, settings.dtype)
     )
+    registry.pinned = resolver.pinned
+    registry.load_dir(settings.patch_dir)
+    revocations = (verifier, settings.revocations_file) if settings.revocations_file else None
+    watcher = PatchWatcher(registry, resolver, settings.patch_dir, settings.tenants_file, revocations)
+    state = app.state
+    state.spec, state.registry, state.encoder, state.resolver, state.watcher = (
+        spec,
+        registry,
+        encoder,
+        resolver,
+        watcher,
+    )
+    state.admin = AdminService(registry, resolver, watcher, settings.patch_dir)
 
 
 async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
@@ -65,6 +75,10 @@ async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
         model_dir, name = await asyncio.to_thread(_model_dir, settings)
         app.state.model_name = name
         await asyncio.to_thread(_load_patches_and_tenants, app, settings, model_dir)
+        if settings.watch:
+            app.state.watch_task = asyncio.create_task(
+                app.state.watcher.run(app.state.stop, polling=settings.watch_polling)
+            )
         config = EngineConfig(
             model_dir=model_dir,
             served_model_name=name,
@@ -85,13 +99,18 @@ async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.stop = asyncio.Event()
     task = asyncio.create_task(_start(app, app.state.engine_factory))
     try:
         yield
     finally:
+        app.state.stop.set()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if app.state.watch_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(app.state.watch_task, timeout=5)
         if app.state.engine is not None:
             await app.state.engine.shutdown()
 
@@ -109,9 +128,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     state.settings = settings or Settings()
     state.engine_factory = engine_factory or VllmEngine.start
     state.model_name = state.settings.served_model_name or DEFAULT_MODEL_NAME
-    state.engine = state.service = state.resolver = state.registry = None
+    state.engine = state.service = state.resolver = state.registry = state.admin = state.watch_task = None
     state.startup_error = None
     install_handlers(app)
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, models, health, admin):
         app.include_router(module.router)
     return app

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from server.admin import AdminService
 from server.errors import APIError
 from server.serving import CompletionService
 from server.settings import Settings
@@ -41,7 +44,26 @@ def get_stack(
     return resolver.resolve(tenant, x_patch_stack)
 
 
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Guard of ``/admin``: the admin bearer token, compared as SHA-256 digests in constant time."""
+    token = get_settings(request).admin_token
+    if token is None:
+        raise APIError(404, "the admin API is disabled (no PATCHSERVE_ADMIN_TOKEN)")
+    scheme, _, presented = (authorization or "").partition(" ")
+    expected = hashlib.sha256(token.get_secret_value().encode()).digest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected):
+        raise APIError(401, "admin API: missing or wrong admin token", code="invalid_admin_token")
+
+
+def get_admin(request: Request) -> AdminService:
+    admin: AdminService | None = request.app.state.admin
+    if admin is None:
+        raise APIError(503, "the server is starting: patches and tenants are not loaded yet")
+    return admin
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+AdminDep = Annotated[AdminService, Depends(get_admin)]
 ResolverDep = Annotated[TenantResolver, Depends(get_resolver)]
 ServiceDep = Annotated[CompletionService, Depends(get_service)]
 StackDep = Annotated[ResolvedStack, Depends(get_stack)]

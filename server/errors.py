@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from patches.errors import PatchError, PatchNotFound, PatchRejected, StackError, TenantConfigError
+from patches.errors import PatchError, PatchNotFound, PatchRejected, RejectReason, StackError, TenantConfigError
 from server.engine import EngineRequestError, EngineUnavailable
 from server.protocol import ErrorInfo, ErrorResponse
 
@@ -74,6 +74,8 @@ def classify(exc: BaseException) -> tuple[int, str, str | None]:
             param = getattr(exc, "param", None)
             if isinstance(exc, PatchRejected):
                 param = str(exc.reason)
+                if exc.reason == RejectReason.in_use:
+                    status = 409
             return status, str(exc), param
     log.exception("unhandled error", exc_info=exc)
     return 500, "internal server error", None

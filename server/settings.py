@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -37,7 +37,6 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where the default model is prepared.")
     patch_dir: Path = Field(Path("var/patches"), description="Directory of patch files (*.safetensors).")
     tenants_file: Path = Field(Path("deploy/demo/tenants.yaml"), description="Tenant configuration (YAML).")
-    demo_patch: bool = Field(False, description="Write the untrained demo patch into patch_dir at start-up.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Engine compute dtype.")
     max_model_len: int = Field(2048, ge=64, description="Context length (patch rows + prompt + output).")
     max_num_seqs: int = Field(64, ge=1, description="Sequences the engine batches at once.")
@@ -48,12 +47,31 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(False, description="Skip graph compilation: ~4x faster start, ~5% slower.")
     max_patch_tokens: int = Field(256, ge=1, description="Most virtual tokens one patch may carry.")
     separator: str = Field("\n", description="Text of the single token placed between stacked patches.")
+    state_dir: Path = Field(Path("var/state"), description="Persistent state: rollback high-water marks.")
+    trust_dir: Path | None = Field(None, description="Directory of trusted Ed25519 public keys (*.pub).")
+    revocations_file: Path | None = Field(None, description="YAML list of revoked key ids and patch digests.")
+    allow_unsigned: bool = Field(False, description="Accept unsigned patch files (development only).")
+    dev_mode: bool = Field(False, description="Development mode: unsafe settings warn instead of failing.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token of the /admin API; unset = disabled.")
+    watch: bool = Field(True, description="Watch the patch directory and tenant file for changes.")
+    watch_polling: bool = Field(False, description="Poll instead of inotify (network volumes).")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.block_size % 16:
             raise ValueError(f"block_size must be a multiple of 16 (of 32 on CPU), got {self.block_size}")
+        problems = []
+        if self.allow_unsigned:
+            problems.append("allow_unsigned accepts patch files nobody signed")
+        if self.trust_dir is None and not self.allow_unsigned:
+            problems.append("no trust_dir: every signed patch will be refused (unknown key)")
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
+            problems.append("admin_token is shorter than 16 characters")
+        for problem in problems:
+            if not self.dev_mode:
+                raise ValueError(f"unsafe outside dev mode: {problem} (set PATCHSERVE_DEV_MODE=1 to allow)")
+            log.warning("dev mode: %s", problem)
         return self
 
     @classmethod

@@ -16,7 +16,7 @@ import torch
 from patches.errors import PatchNotFound
 from patches.format import Patch
 from patches.registry import PatchRegistry
-from patches.stack import Prefix, compose_prefix, parse_stack
+from patches.stack import PatchRef, Prefix, compose_prefix, parse_stack
 from patches.tenants import Tenant, TenantConfig, hash_api_key
 from server.errors import APIError
 
@@ -57,10 +57,16 @@ class TenantResolver:
         self._separator_id = separator_id
         self._dtype = dtype
         self._prefixes: OrderedDict[tuple[str, ...], Prefix | None] = OrderedDict()
+        self.config_error: str | None = None
 
     def replace_config(self, config: TenantConfig) -> None:
         """Swap in a new tenant file (requests already admitted keep their stacks)."""
         self.config = config
+        self.config_error = None
+
+    def pinned(self) -> list[tuple[str, list[PatchRef]]]:
+        """Every tenant's default stack: what the registry must not unload."""
+        return [(t.id, t.default_refs) for t in self.config.tenants]
 
     def authenticate(self, authorization: str | None, tenant_id: str | None) -> Tenant:
         """The tenant a request belongs to.
@@ -119,6 +125,15 @@ class TenantResolver:
                         403, f"patch {ref.name!r} is not allowed for tenant {tenant.id!r}", param=STACK_HEADER
                     )
             patches = self._registry.resolve_all(refs)
+        if tenant.allowed_signers is not None:
+            for patch in patches:
+                if patch.meta.signer not in tenant.allowed_signers:
+                    raise APIError(
+                        403 if stack_header is not None else 503,
+                        f"patch {patch.ref} is signed by {patch.meta.signer or 'nobody'}, "
+                        f"a signer tenant {tenant.id!r} does not accept",
+                        param=STACK_HEADER if stack_header is not None else None,
+                    )
         digests = tuple(p.digest for p in patches)
         salt = hashlib.sha256("\0".join((tenant.id, *digests)).encode()).hexdigest()[:32]
         return ResolvedStack(

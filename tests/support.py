@@ -6,12 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from patches.fingerprint import embedding_matrix, fingerprint_model
-from patches.format import PatchMetadata, save_patch
-from patches.textinit import text_init_rows
+from patches.demo import text_patch
+from patches.format import write_atomic
 from server.engine import EngineChunk, EngineRequest
 
 PATCH_TEXTS = {
@@ -31,18 +29,13 @@ def write_patch(
     noise: float = 0.0,
     seed: int = 0,
     text: str | None = None,
+    key: Ed25519PrivateKey | None = None,
+    filename: str | None = None,
 ) -> Path:
-    """A valid patch for ``model_dir``: text-initialised rows plus optional seeded noise."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer.encode(text or PATCH_TEXTS.get(name, f"Patch {name} version {version}."))
-    rows = text_init_rows(embedding_matrix(model_dir), ids, n_tokens)
-    if noise:
-        rows = rows + noise * torch.randn(rows.shape, generator=torch.Generator().manual_seed(seed))
-    meta = PatchMetadata(
-        name=name, version=version, base_model=fingerprint_model(model_dir), description=f"test patch {name}"
-    )
-    patch_dir.mkdir(parents=True, exist_ok=True)
-    return save_patch(patch_dir / f"{name}-v{version}.safetensors", rows, meta)
+    """A valid patch for ``model_dir``: text-initialised rows plus optional seeded noise, signed with ``key``."""
+    data = text_patch(model_dir, name, version=version, text=text or PATCH_TEXTS.get(name, f"Patch {name}."),
+                      n_tokens=n_tokens, noise=noise, seed=seed, description=f"test patch {name}", key=key)
+    return write_atomic(patch_dir / (filename or f"{name}-v{version}.safetensors"), data)
 
 
 class FakeEngine:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
+from server.errors import APIError
 from server.protocol import ErrorResponse
 from server.tenancy import APPLIED_HEADER, ResolvedStack
 
@@ -22,3 +26,29 @@ def respond(result: BaseModel | AsyncIterator[str], stack: ResolvedStack) -> JSO
         return JSONResponse(result.model_dump(mode="json"), headers=headers)
     headers["Cache-Control"] = "no-cache"
     return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+
+
+T = TypeVar("T")
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client goes away first (so the engine aborts the request).
+
+    Streams need no help: closing the response closes the generator. This covers non-streaming
+    requests, whose handler would otherwise generate to the end for nobody.
+    """
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+    if not task.done():
+        task.cancel()
+        raise APIError(499, "client closed the request")
+    return task.result()

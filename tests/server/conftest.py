@@ -56,7 +56,14 @@ def make_client(
         tenants_file = tmp_path / f"tenants{len(clients)}.yaml"
         tenants_file.write_text(yaml.safe_dump(tenants or TENANTS))
         settings = Settings(
-            model=model_dir, patch_dir=patch_dir, tenants_file=tenants_file, max_model_len=max_model_len
+            model=model_dir,
+            patch_dir=patch_dir,
+            tenants_file=tenants_file,
+            max_model_len=max_model_len,
+            allow_unsigned=True,
+            dev_mode=True,
+            watch=False,
+            state_dir=tmp_path / f"state{len(clients)}",
         )
         engine = FakeEngine()
 

@@ -1,0 +1,1 @@
+"""Benchmarks that drive a real patchserve process over HTTP (``make bench``)."""

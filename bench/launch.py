@@ -1,0 +1,59 @@
+"""Start a real patchserve process on a free loopback port and wait until it is ready."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+START_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = START_TIMEOUT_S) -> None:
+    """Poll ``/readyz`` until 200; fail fast when the process dies or start-up fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            ready = httpx.get(f"{url}/readyz", timeout=2)
+        except httpx.TransportError:
+            ready = None
+        if ready is not None and ready.status_code == 200:
+            return
+        if ready is not None and "start-up failed" in ready.text:
+            raise RuntimeError(f"server start-up failed: {ready.text}\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
+@contextmanager
+def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """Run ``python -m server`` with ``env`` (``PATCHSERVE_*``) on a free port; yields its base URL."""
+    port = free_port()
+    full_env = {**os.environ, **env, "PATCHSERVE_HOST": "127.0.0.1", "PATCHSERVE_PORT": str(port)}
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "server"], stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, log_path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
