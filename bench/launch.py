@@ -12,8 +12,39 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from patches.signing import generate_keypair, load_private_key
 
 START_TIMEOUT_S = 600
+
+
+def prepare_root(root: Path, tenants: list[dict], *, signer: str | None = None) -> Ed25519PrivateKey | None:
+    """Lay out a server's files under ``root``: ``tenants.yaml``, ``patches/``, and, with ``signer``, a fresh
+    key pair whose public key is the only one in ``trust/`` (the private key is returned)."""
+    (root / "patches").mkdir(parents=True, exist_ok=True)
+    (root / "tenants.yaml").write_text(yaml.safe_dump({"tenants": tenants}))
+    if signer is None:
+        return None
+    private, public = generate_keypair(root / "keys", signer)
+    (root / "trust").mkdir(exist_ok=True)
+    (root / "trust" / public.name).write_bytes(public.read_bytes())
+    return load_private_key(private)
+
+
+def server_env(root: Path, model_dir: Path, **settings: object) -> dict[str, str]:
+    """``PATCHSERVE_*`` variables for a server whose files live under ``root`` (see :func:`prepare_root`)."""
+    env = {
+        "model": model_dir,
+        "patch_dir": root / "patches",
+        "tenants_file": root / "tenants.yaml",
+        "state_dir": root / "state",
+        "enforce_eager": os.environ.get("PATCHSERVE_ENFORCE_EAGER", "true"),
+    }
+    if (root / "trust").is_dir():
+        env["trust_dir"] = root / "trust"
+    return {f"PATCHSERVE_{k.upper()}": str(v) for k, v in {**env, **settings}.items()}
 
 
 def free_port() -> int:

@@ -20,13 +20,11 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
-from bench.launch import running_server
+from bench.launch import prepare_root, running_server, server_env
 from patches.basemodel import prepare_default_model
 from patches.demo import text_patch
 from patches.format import write_atomic
-from patches.signing import generate_keypair, load_private_key
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 BODY = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 1, "temperature": 0}
@@ -57,23 +55,10 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = prepare_default_model()
     root = Path(tempfile.mkdtemp(prefix="patchserve-swap-"))
-    private, public = generate_keypair(root / "keys", "bench")
-    (root / "trust").mkdir()
-    (root / "trust" / public.name).write_bytes(public.read_bytes())
-    key = load_private_key(private)
+    key = prepare_root(root, [{"id": "hot", "default_stack": ["hot"], "allowed_patches": ["hot"]}], signer="bench")
     patch_dir = root / "patches"
     write_atomic(patch_dir / "hot.safetensors", text_patch(model_dir, "hot", version=1, key=key))
-    tenants = {"tenants": [{"id": "hot", "default_stack": ["hot"], "allowed_patches": ["hot"]}]}
-    (root / "tenants.yaml").write_text(yaml.safe_dump(tenants))
-    env = {
-        "PATCHSERVE_MODEL": str(model_dir),
-        "PATCHSERVE_PATCH_DIR": str(patch_dir),
-        "PATCHSERVE_TENANTS_FILE": str(root / "tenants.yaml"),
-        "PATCHSERVE_TRUST_DIR": str(root / "trust"),
-        "PATCHSERVE_STATE_DIR": str(root / "state"),
-        "PATCHSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "PATCHSERVE_ENFORCE_EAGER": os.environ.get("PATCHSERVE_ENFORCE_EAGER", "true"),
-    }
+    env = server_env(root, model_dir, admin_token=ADMIN_TOKEN)
     payloads = [
         text_patch(model_dir, "hot", version=v, noise=0.01, seed=v, key=key) for v in range(2, 2 * args.swaps + 2)
     ]

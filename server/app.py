@@ -18,7 +18,7 @@ from patches.fingerprint import model_spec
 from patches.registry import PatchRegistry
 from patches.rollback import VersionGuard
 from patches.signing import Verifier
-from patches.tenants import load_tenants
+from patches.tenants import hash_api_key, load_tenants
 from patches.trust import Revocations, TrustStore
 from server.admin import AdminService
 from server.engine import Engine, EngineConfig, VllmEngine
@@ -50,6 +50,10 @@ def _load_patches_and_tenants(app: FastAPI, settings: Settings, model_dir: Path)
     settings.patch_dir.mkdir(parents=True, exist_ok=True)
     registry = PatchRegistry(partial(verifier.verify, expect=spec), VersionGuard(settings.state_dir / "versions.json"))
     tenants = load_tenants(settings.tenants_file)
+    if settings.admin_token is not None:
+        admin_hash = hash_api_key(settings.admin_token.get_secret_value())
+        if any(admin_hash in t.api_keys for t in tenants.tenants):
+            raise ValueError("the admin token is also a tenant API key; the admin API must never accept tenant keys")
     encoder = PromptEncoder(model_dir, settings.separator)
     resolver = TenantResolver(
         tenants, registry, separator_id=encoder.separator_id, dtype=getattr(torch, settings.dtype)

@@ -44,7 +44,7 @@ class StreamOptions(OpenAIModel):
 StopField = Annotated[str | list[str] | None, Field(None)]
 
 
-class _SamplingRequest(OpenAIModel):
+class SamplingRequest(OpenAIModel):
     """Sampling fields shared by chat and text completions, in OpenAI's order."""
 
     model: str | None = None
@@ -109,7 +109,7 @@ class ChatMessage(OpenAIModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
@@ -117,7 +117,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] = Field(min_length=1)
     echo: bool = False
     suffix: str | None = None

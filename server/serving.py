@@ -27,8 +27,8 @@ from server.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    SamplingRequest,
     Usage,
-    _SamplingRequest,
     new_id,
 )
 from server.tenancy import ResolvedStack
@@ -176,7 +176,7 @@ class CompletionService:
         return await self._run(request, stack, prompt_ids, shaper, "prompt")
 
     def _engine_request(
-        self, request: _SamplingRequest, stack: ResolvedStack, prompt_ids: list[int], prompt_param: str
+        self, request: SamplingRequest, stack: ResolvedStack, prompt_ids: list[int], prompt_param: str
     ) -> EngineRequest:
         max_len = self.engine.max_model_len
         prefix_len = len(stack.prefix) if stack.prefix else 0
@@ -210,7 +210,7 @@ class CompletionService:
         )
 
     async def _run(
-        self, request: _SamplingRequest, stack: ResolvedStack, prompt_ids: list[int], shaper: _Shaper, param: str
+        self, request: SamplingRequest, stack: ResolvedStack, prompt_ids: list[int], shaper: _Shaper, param: str
     ) -> BaseModel | AsyncIterator[str]:
         engine_request = self._engine_request(request, stack, prompt_ids, param)
         totals = _Totals(

@@ -21,6 +21,7 @@ from patches.registry import PatchRegistry
 from patches.signing import Verifier
 from patches.tenants import load_tenants
 from patches.trust import Revocations
+from server.errors import APIError
 from server.tenancy import TenantResolver
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,8 @@ class PatchWatcher:
         try:
             config = load_tenants(self.tenants_file)
             for tenant in config.tenants:
-                self.registry.resolve_all(tenant.default_refs)
-        except PatchError as exc:
+                self.resolver.resolve(tenant, None)  # every default stack loaded and signed acceptably
+        except (PatchError, APIError) as exc:
             log.warning("tenant file refused, previous configuration stays: %s", exc)
             self.resolver.config_error = str(exc)
             return

@@ -33,8 +33,17 @@ def write_patch(
     filename: str | None = None,
 ) -> Path:
     """A valid patch for ``model_dir``: text-initialised rows plus optional seeded noise, signed with ``key``."""
-    data = text_patch(model_dir, name, version=version, text=text or PATCH_TEXTS.get(name, f"Patch {name}."),
-                      n_tokens=n_tokens, noise=noise, seed=seed, description=f"test patch {name}", key=key)
+    data = text_patch(
+        model_dir,
+        name,
+        version=version,
+        text=text or PATCH_TEXTS.get(name, f"Patch {name}."),
+        n_tokens=n_tokens,
+        noise=noise,
+        seed=seed,
+        description=f"test patch {name}",
+        key=key,
+    )
     return write_atomic(patch_dir / (filename or f"{name}-v{version}.safetensors"), data)
 
 

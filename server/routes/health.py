@@ -28,7 +28,7 @@ async def get_readiness(request: Request) -> JSONResponse:
     else:
         for tenant in state.resolver.config.tenants:
             try:
-                state.registry.resolve_all(tenant.default_refs)
+                state.resolver.resolve(tenant, None)
             except Exception as exc:  # noqa: BLE001 - any failure makes us unready
                 problems.append(f"tenant {tenant.id}: {exc}")
     status = 200 if not problems else 503

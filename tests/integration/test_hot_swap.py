@@ -38,15 +38,28 @@ class Result:
 
 
 def signed_version(server: RunningServer, version: int) -> bytes:
-    path = write_patch(server.model_dir, server.patch_dir.parent / "uploads", "hot", version=version, n_tokens=50,
-                       noise=0.02, seed=version, key=server.key)
+    path = write_patch(
+        server.model_dir,
+        server.patch_dir.parent / "uploads",
+        "hot",
+        version=version,
+        n_tokens=50,
+        noise=0.02,
+        seed=version,
+        key=server.key,
+    )
     return path.read_bytes()
 
 
 async def stream_once(client: httpx.AsyncClient, i: int) -> Result:
     sent = time.monotonic()
-    body = {"messages": [{"role": "user", "content": f"Count to ten, client {i}."}], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {
+        "messages": [{"role": "user", "content": f"Count to ten, client {i}."}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     async with client.stream("POST", "/v1/chat/completions", json=body, headers={"X-Tenant-Id": "hot"}) as response:
         admitted_by = time.monotonic()
         assert response.status_code == 200, await response.aread()

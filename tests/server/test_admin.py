@@ -37,14 +37,22 @@ class Env:
     revoked_key: object
 
     def settings(self, **overrides: object) -> Settings:
-        values = dict(model=self.model_dir, patch_dir=self.patch_dir, tenants_file=self.tenants_file,
-                      trust_dir=self.root / "trust", revocations_file=self.root / "revocations.yaml",
-                      state_dir=self.root / "state", admin_token="admin-token-0123456789", watch=False)
+        values = dict(
+            model=self.model_dir,
+            patch_dir=self.patch_dir,
+            tenants_file=self.tenants_file,
+            trust_dir=self.root / "trust",
+            revocations_file=self.root / "revocations.yaml",
+            state_dir=self.root / "state",
+            admin_token="admin-token-0123456789",
+            watch=False,
+        )
         return Settings(**{**values, **overrides})
 
     def patch_bytes(self, version: int, *, key: object = "default", noise: float = 0.01, **meta: object) -> bytes:
-        path = write_patch(self.model_dir, self.root / "scratch", "safety", version=version, noise=noise,
-                           seed=version, key=None)
+        path = write_patch(
+            self.model_dir, self.root / "scratch", "safety", version=version, noise=noise, seed=version, key=None
+        )
         data = path.read_bytes()
         if meta:
             data = _rewrite_meta(data, **meta)
@@ -164,8 +172,10 @@ def _bad_files(env: Env) -> dict[str, bytes]:
     good = env.patch_bytes(5)
     tampered = bytearray(good)
     tampered[-3] ^= 0x01
-    wide = st_save({"patch": torch.zeros(4, 64)}, metadata=PatchMetadata(
-        name="safety", version=6, base_model=fingerprint_model(env.model_dir)).to_header())
+    wide = st_save(
+        {"patch": torch.zeros(4, 64)},
+        metadata=PatchMetadata(name="safety", version=6, base_model=fingerprint_model(env.model_dir)).to_header(),
+    )
     nan = torch.full((4, 576), float("nan"))
     return {
         "unsigned": env.patch_bytes(5, key=None),
@@ -175,8 +185,10 @@ def _bad_files(env: Env) -> dict[str, bytes]:
         "revoked": env.patch_bytes(5, key=env.revoked_key),
         "wrong_model": env.patch_bytes(5, base_model="sha256:" + "0" * 64),
         "bad_shape": sign_patch(wide, env.key),
-        "non_finite": sign_patch(dump_patch(nan, PatchMetadata(
-            name="safety", version=7, base_model=fingerprint_model(env.model_dir))), env.key),
+        "non_finite": sign_patch(
+            dump_patch(nan, PatchMetadata(name="safety", version=7, base_model=fingerprint_model(env.model_dir))),
+            env.key,
+        ),
         "truncated": good[: len(good) // 2],
         "oversized": good + b"\0" * (256 * 576 * 4 + 70_000),
         "rollback": env.patch_bytes(1, noise=0.5),
@@ -195,8 +207,10 @@ class TestRefusals:
         listing = client.get("/admin/patches", headers=ADMIN).json()
         assert [p["version"] for p in listing["patches"]] == [1, 2]
         assert {r["reason"] for r in listing["rejections"]} <= {r.split(":")[0] for r in _bad_files(env)}
-        assert sorted(env.patch_dir.iterdir()) == [env.patch_dir / "safety-v1.safetensors",
-                                                   env.patch_dir / "safety-v2.safetensors"]
+        assert sorted(env.patch_dir.iterdir()) == [
+            env.patch_dir / "safety-v1.safetensors",
+            env.patch_dir / "safety-v2.safetensors",
+        ]
 
     def test_revoked_patch_hash(self, env: Env) -> None:
         from patches.fingerprint import model_spec
@@ -332,3 +346,67 @@ def test_watch_filter_ignores_unrelated_files(client: TestClient, env: Env) -> N
     assert not watcher.relevant(Change.modified, str(env.root / "server.log"))
     assert watcher.relevant(Change.modified, str(env.tenants_file))
     assert watcher.relevant(Change.modified, str(env.root / "revocations.yaml"))
+
+
+class TestTenantSigners:
+    def _with_signers(self, env: Env, signers: list[str]) -> None:
+        config = yaml.safe_load(env.tenants_file.read_text())
+        config["tenants"].append(
+            {
+                "id": "strict",
+                "default_stack": [],
+                "allowed_patches": ["safety"],
+                "allow_unpatched": True,
+                "allowed_signers": signers,
+            }
+        )
+        config["tenants"].append(
+            {
+                "id": "strict-default",
+                "default_stack": ["safety"],
+                "allowed_patches": ["safety"],
+                "allowed_signers": signers,
+            }
+        )
+        env.tenants_file.write_text(yaml.safe_dump(config))
+
+    def test_patch_by_a_signer_the_tenant_does_not_accept_is_refused(self, env: Env) -> None:
+        self._with_signers(env, [key_id(env.rogue_key.public_key())])
+        http = start(env.settings())
+        try:
+            response = http.post(
+                "/v1/chat/completions", json=CHAT, headers={"X-Tenant-Id": "strict", "X-Patch-Stack": "safety"}
+            )
+            assert response.status_code == 403 and "does not accept" in response.json()["error"]["message"]
+            default = http.post("/v1/chat/completions", json=CHAT, headers={"X-Tenant-Id": "strict-default"})
+            assert default.status_code == 503
+            assert applied(http, "app") == "safety@1"  # other tenants are unaffected
+        finally:
+            http.__exit__(None, None, None)
+
+    def test_accepted_signer_serves(self, env: Env) -> None:
+        self._with_signers(env, [key_id(env.key.public_key())])
+        http = start(env.settings())
+        try:
+            assert applied(http, "strict-default") == "safety@1"
+        finally:
+            http.__exit__(None, None, None)
+
+
+def test_admin_token_that_is_a_tenant_key_is_refused_at_start(env: Env) -> None:
+    from patches.tenants import hash_api_key
+
+    config = yaml.safe_load(env.tenants_file.read_text())
+    config["tenants"][0]["api_keys"] = [hash_api_key("admin-token-0123456789")]
+    env.tenants_file.write_text(yaml.safe_dump(config))
+
+    async def factory(config: EngineConfig) -> FakeEngine:
+        return FakeEngine(config.max_model_len)
+
+    with TestClient(create_app(env.settings(), engine_factory=factory)) as http:
+        deadline = time.monotonic() + 30
+        while http.app.state.startup_error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert "tenant API key" in http.app.state.startup_error
+        assert http.get("/readyz").status_code == 503
