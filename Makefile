@@ -20,10 +20,10 @@ model: install
 	$(PY) -m patches.cli prepare-model
 
 # Serves the embedded model with the demo tenants on 127.0.0.1:8000 (PATCHSERVE_HOST/PORT change it).
-# The demo patch is signed with the committed DEMO-ONLY key (deploy/demo/keys/README.md).
+# The shipped patch is signed with the committed DEMO-ONLY key (deploy/demo/keys/README.md).
 run: model
-	@pd=$${PATCHSERVE_PATCH_DIR:-var/patches}; \
-	$(PY) -m patches.cli demo-patch "$$pd" --key deploy/demo/keys/demo-signer.key && \
+	@pd=$${PATCHSERVE_PATCH_DIR:-var/patches}; mkdir -p "$$pd" && \
+	for f in deploy/demo/patches/*.safetensors; do [ -e "$$pd/$${f##*/}" ] || cp "$$f" "$$pd/"; done && \
 	PATCHSERVE_PATCH_DIR="$$pd" PATCHSERVE_TRUST_DIR=$${PATCHSERVE_TRUST_DIR:-deploy/demo/trust} \
 	exec $(PY) -m server
 

@@ -235,5 +235,81 @@ def diff(
         raise typer.Exit(1)
 
 
+@app.command("train")
+def train(
+    name: Annotated[str, typer.Option(help="Patch name")] = "refusal",
+    version: Annotated[int, typer.Option(help="Patch version")] = 1,
+    model: Annotated[Path | None, typer.Option(help="Base model dir (default: the embedded model)")] = None,
+    harmful: Annotated[list[Path] | None, typer.Option(help="Prompt files to refuse (.txt or .jsonl)")] = None,
+    benign: Annotated[list[Path] | None, typer.Option(help="Prompt files to answer (.txt or .jsonl)")] = None,
+    teacher: Annotated[str, typer.Option(help="'policy' or a local teacher model dir")] = "policy",
+    n_tokens: Annotated[int, typer.Option(help="Virtual tokens")] = 50,
+    init: Annotated[str, typer.Option(help="'text' or 'random'")] = "text",
+    init_text: Annotated[str | None, typer.Option(help="Instruction for text init")] = None,
+    sft_epochs: Annotated[float, typer.Option(help="Stage 1 (SFT) epochs")] = 1.0,
+    sft_lr: Annotated[float, typer.Option(help="Stage 1 learning rate")] = 3e-3,
+    dpo_epochs: Annotated[float, typer.Option(help="Stage 2 (DPO) epochs; 0 skips")] = 1.0,
+    dpo_lr: Annotated[float, typer.Option(help="Stage 2 learning rate")] = 1e-3,
+    beta: Annotated[float, typer.Option(help="DPO beta")] = 0.1,
+    reference: Annotated[str, typer.Option(help="DPO reference: 'sft' or 'bare'")] = "sft",
+    batch_size: Annotated[int, typer.Option(help="Examples per step")] = 8,
+    response_tokens: Annotated[int, typer.Option(help="Teacher responses cut to this many tokens")] = 48,
+    holdout: Annotated[float, typer.Option(help="Held-out share of prompts")] = 0.2,
+    max_prompts: Annotated[int | None, typer.Option(help="Cap per class (quick runs)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed")] = 0,
+    work_dir: Annotated[Path, typer.Option(help="Checkpoints, caches, held-out split")] = Path("var/train"),
+    out: Annotated[Path | None, typer.Option(help="Output patch file")] = None,
+    key: Annotated[Path | None, typer.Option(help="Ed25519 private key to sign with")] = None,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast")] = True,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+) -> None:
+    """Train a safety patch (SFT then DPO) on the frozen base model; resumes from checkpoints in --work-dir."""
+    from patches.train.config import TrainConfig
+    from patches.train.run import train as run_training
+
+    config = TrainConfig(
+        name=name, version=version, model=model, harmful=harmful or [], benign=benign or [], teacher=teacher,
+        n_tokens=n_tokens, init=init, init_text=init_text, sft_epochs=sft_epochs, sft_lr=sft_lr,
+        dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, batch_size=batch_size,
+        response_tokens=response_tokens, holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,
+        out=out, key=key, bf16=bf16, threads=threads,
+    )  # fmt: skip
+    run_training(config, console)
+
+
+@app.command("eval")
+def evaluate(
+    url: Annotated[str, typer.Option(help="Base URL of a running patchserve")] = "http://127.0.0.1:8000",
+    variant: Annotated[list[str] | None, typer.Option(help="name:tenant[:stack], repeatable")] = None,
+    system_prompt_variant: Annotated[
+        list[str] | None, typer.Option(help="name:tenant[:stack] answered with the safety system prompt")
+    ] = None,
+    harmful: Annotated[list[Path] | None, typer.Option(help="Harmful prompt files (.txt/.jsonl)")] = None,
+    benign: Annotated[list[Path] | None, typer.Option(help="Benign prompt files (.txt/.jsonl)")] = None,
+    prompts: Annotated[list[Path] | None, typer.Option(help="JSONL files of {prompt, harmful}")] = None,
+    baseline: Annotated[str, typer.Option(help="Variant whose perplexity is the 1.0x reference")] = "bare",
+    max_tokens: Annotated[int, typer.Option(help="Answer length")] = 64,
+    model: Annotated[Path | None, typer.Option(help="Bare model for perplexity (default: embedded)")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for eval.json, eval.md, eval.png")] = Path("var/eval"),
+) -> None:
+    """Measure refusal, over-refusal and fluency of tenants/stacks through a running server."""
+    import asyncio
+
+    from patches import evaluate as ev
+    from patches.train.model import load_base
+
+    variants = [ev.Variant.parse(v) for v in (variant or ["bare:demo-base:none", "refusal:demo-patched"])]
+    variants += [ev.Variant.parse(v, system_prompt=True) for v in (system_prompt_variant or [])]
+    harmful_prompts, benign_prompts = ev.load_prompt_sets(harmful or [], benign or [], prompts or [])
+    if not harmful_prompts or not benign_prompts:
+        _fail("eval needs harmful and benign prompts (--harmful/--benign or --prompts)")
+    results = asyncio.run(ev.collect(url, variants, harmful_prompts, benign_prompts, max_tokens=max_tokens))
+    base_model, tokenizer = load_base(model or prepare_default_model())
+    ev.add_fluency(results, base_model, tokenizer, baseline)
+    paths = ev.write_reports(results, out, len(harmful_prompts), len(benign_prompts))
+    console.print(ev.markdown(results, len(harmful_prompts), len(benign_prompts)))
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
 if __name__ == "__main__":
     app()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from patches.chat import encode_chat
 from server.protocol import ChatMessage
 
 
@@ -29,8 +30,7 @@ class PromptEncoder:
     def chat(self, messages: list[ChatMessage]) -> list[int]:
         """Token ids of the chat-templated conversation, ending with the assistant turn's opening."""
         conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.encode(str(text))
+        return encode_chat(self.tokenizer, conversation)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of raw text (special tokens written in the text are kept as such)."""

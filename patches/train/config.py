@@ -1,0 +1,95 @@
+"""Training configuration: one dataclass, every field with a default and help text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+
+
+class InitMode(StrEnum):
+    """How the patch rows start: copied from the embeddings of an instruction, or random."""
+
+    text = "text"
+    random = "random"
+
+
+class Reference(StrEnum):
+    """DPO's reference policy: the stage-1 (SFT) patch, or the bare model with no patch."""
+
+    sft = "sft"
+    bare = "bare"
+
+
+_REPO = Path(__file__).resolve().parents[2]
+PROJECT_DATA = _REPO / "patches" / "data"  # prompts written for this project
+SHARED_DATA = _REPO.parent / "shared" / "data"  # the workplace's licensed prompt sets, when present
+
+
+def default_prompt_files(kind: str) -> list[Path]:
+    """The default training files of a class (``harmful`` or ``benign``): shared sets plus project-written ones."""
+    shared = {"harmful": SHARED_DATA / "harmful_train.jsonl", "benign": SHARED_DATA / "benign_train.txt"}[kind]
+    return ([shared] if shared.is_file() else []) + sorted(PROJECT_DATA.glob(f"{kind}_*.txt"))
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``patchserve train`` needs; see each field's ``help``."""
+
+    name: str = field(default="refusal", metadata={"help": "Patch name"})
+    version: int = field(default=1, metadata={"help": "Patch version"})
+    model: Path | None = field(default=None, metadata={"help": "Base model dir (default: the embedded model)"})
+    harmful: list[Path] = field(default_factory=list, metadata={"help": "Files of prompts to refuse"})
+    benign: list[Path] = field(default_factory=list, metadata={"help": "Files of prompts to answer"})
+    teacher: str = field(
+        default="policy",
+        metadata={"help": "'policy' (base model's own answers + written refusals) or a local model dir"},
+    )
+    n_tokens: int = field(default=50, metadata={"help": "Virtual tokens in the patch"})
+    init: InitMode = field(default=InitMode.text, metadata={"help": "Row initialisation"})
+    init_text: str | None = field(default=None, metadata={"help": "Instruction for text init (default: built-in)"})
+    holdout: float = field(default=0.2, metadata={"help": "Share of prompts kept out of training (by hash)"})
+    max_prompts: int | None = field(default=None, metadata={"help": "Cap per class after the split (quick runs)"})
+    response_tokens: int = field(default=48, metadata={"help": "Teacher responses are cut to this many tokens"})
+    sft_epochs: float = field(default=1.0, metadata={"help": "Stage 1 epochs"})
+    sft_lr: float = field(default=3e-3, metadata={"help": "Stage 1 learning rate (AdamW)"})
+    dpo_epochs: float = field(default=1.0, metadata={"help": "Stage 2 epochs (0 skips DPO)"})
+    dpo_lr: float = field(default=1e-3, metadata={"help": "Stage 2 learning rate (AdamW)"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps closer to the reference"})
+    reference: Reference = field(default=Reference.sft, metadata={"help": "DPO reference policy"})
+    batch_size: int = field(default=8, metadata={"help": "Examples per optimiser step"})
+    seed: int = field(default=0, metadata={"help": "Seed of data order, init and noise"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
+    bf16: bool = field(
+        default=True, metadata={"help": "bfloat16 autocast (about 1.8x faster on CPUs with AVX512-BF16)"}
+    )
+    work_dir: Path = field(default=Path("var/train"), metadata={"help": "Checkpoints and cached teacher answers"})
+    out: Path | None = field(
+        default=None, metadata={"help": "Patch file to write (default: <work_dir>/<name>-v<version>.safetensors)"}
+    )
+    key: Path | None = field(default=None, metadata={"help": "Ed25519 private key to sign the patch with"})
+    description: str = field(default="", metadata={"help": "Patch description"})
+
+    def __post_init__(self) -> None:
+        self.init = InitMode(self.init)
+        self.reference = Reference(self.reference)
+        self.harmful = self.harmful or default_prompt_files("harmful")
+        self.benign = self.benign or default_prompt_files("benign")
+        checks = [
+            (self.n_tokens >= 1, "n_tokens", self.n_tokens),
+            (0 <= self.holdout < 1, "holdout", self.holdout),
+            (self.sft_epochs >= 0 and self.dpo_epochs >= 0, "epochs", (self.sft_epochs, self.dpo_epochs)),
+            (self.sft_epochs + self.dpo_epochs > 0, "epochs", "both zero"),
+            (self.beta > 0, "beta", self.beta),
+            (self.batch_size >= 1, "batch_size", self.batch_size),
+            (self.response_tokens >= 4, "response_tokens", self.response_tokens),
+            (self.init != InitMode.text or self.init_text != "", "init_text", "empty with init=text"),
+            (bool(self.harmful) and bool(self.benign), "prompt files", "none found for a class"),
+        ]
+        for ok, name, value in checks:
+            if not ok:
+                raise ValueError(f"invalid training config: {name}={value!r}")
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

@@ -1,0 +1,56 @@
+"""Stage 2, DPO: preference pairs refine the prefix against a frozen reference policy.
+
+Pairs: for a harmful prompt, chosen = the teacher's refusal, rejected = the base model's own
+(compliant) answer; for a benign prompt, chosen = the base model's answer, rejected = a refusal —
+the second kind is what pushes over-refusal back down. The loss is DPO's
+``-log σ(β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))])``; the reference log-probs are
+computed once, before training, with the stage-1 patch (default) or with no patch.
+
+TRL's DPOTrainer is not used: it owns tokenisation, batching and the reference model, while here the
+prompt must be laid out exactly as the server lays it out, and the only trainable tensor is the
+prefix; the loss itself is the three lines below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from patches.train.model import Example, collate, sequence_logps
+
+
+@dataclass(frozen=True)
+class Pair:
+    chosen: Example
+    rejected: Example
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+def with_reference(
+    pairs: list[Pair], reference: Any, n_prefix: int, pad_id: int, batch_size: int = 16, bf16: bool = False
+) -> list[Pair]:
+    """Attach the reference policy's log-probs to every pair (no gradients)."""
+    out = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            logps = sequence_logps(
+                reference, collate([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id), n_prefix
+            )
+            for i, pair in enumerate(chunk):
+                out.append(Pair(pair.chosen, pair.rejected, float(logps[i]), float(logps[len(chunk) + i])))
+    return out
+
+
+def dpo_loss(policy: Any, batch: list[Pair], *, beta: float, n_prefix: int, pad_id: int) -> torch.Tensor:
+    """Mean DPO loss of a batch of pairs under ``policy``."""
+    logps = sequence_logps(policy, collate([p.chosen for p in batch] + [p.rejected for p in batch], pad_id), n_prefix)
+    chosen, rejected = logps[: len(batch)], logps[len(batch) :]
+    ref_chosen = torch.tensor([p.ref_chosen for p in batch])
+    ref_rejected = torch.tensor([p.ref_rejected for p in batch])
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()

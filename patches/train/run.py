@@ -1,0 +1,173 @@
+"""``patchserve train``: data → teacher → SFT → DPO → a format-v1 patch file (signed when given a key)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from patches.basemodel import prepare_default_model
+from patches.fingerprint import fingerprint_model
+from patches.format import PatchMetadata, dump_patch, write_atomic
+from patches.refusal import is_refusal
+from patches.signing import load_private_key, sign_patch
+from patches.train.config import Reference, TrainConfig
+from patches.train.data import Prompt, load_split, write_heldout
+from patches.train.dpo import Pair, dpo_loss, with_reference
+from patches.train.loop import progress_bar, run_stage
+from patches.train.model import collate, load_base, make_example, make_patch_model, prefix_parameter
+from patches.train.teacher import generate_answers, policy_refusal
+
+
+@dataclass
+class TrainResult:
+    patch: Path
+    heldout: tuple[Path, Path]
+    seconds: float
+    sft_losses: list[float]
+    dpo_losses: list[float]
+    n_train: dict[str, int]
+
+
+def _cap(prompts: list[Prompt], limit: int | None, seed: int) -> list[Prompt]:
+    if limit is None:
+        return prompts
+    out = []
+    for harmful in (True, False):
+        group = [p for p in prompts if p.harmful == harmful]
+        random.Random(seed).shuffle(group)
+        out += group[:limit]
+    return out
+
+
+def _teacher_targets(
+    config: TrainConfig, prompts: list[Prompt], base_answers: dict[str, str], work: Path
+) -> dict[str, str]:
+    if config.teacher == "policy":
+        return {p.text: policy_refusal(p.text) if p.harmful else base_answers[p.text] for p in prompts}
+    teacher_dir = Path(config.teacher)
+    teacher, tokenizer = load_base(teacher_dir)
+    return generate_answers(
+        teacher,
+        tokenizer,
+        [p.text for p in prompts],
+        max_tokens=config.response_tokens,
+        cache=work / "teacher-answers.jsonl",
+        model_tag=fingerprint_model(teacher_dir),
+        bf16=config.bf16,
+    )
+
+
+def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
+    """Train a patch as configured; see :class:`TrainConfig`."""
+    console = console or Console()
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    work = config.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = config.model or prepare_default_model()
+    fingerprint = fingerprint_model(model_dir)
+    train_prompts, heldout = load_split(config.harmful, config.benign, config.holdout)
+    heldout_paths = write_heldout(heldout, work)
+    prompts = _cap(train_prompts, config.max_prompts, config.seed)
+    counts = {"harmful": sum(p.harmful for p in prompts), "benign": sum(not p.harmful for p in prompts)}
+    console.print(f"training on {counts}; held out {len(heldout)} prompts → {heldout_paths[0].parent}")
+
+    base, tokenizer = load_base(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with progress_bar() as bar:
+        task = bar.add_task("base answers", total=len(prompts), info="(cached for re-runs)")
+        base_answers = generate_answers(
+            base,
+            tokenizer,
+            [p.text for p in prompts],
+            max_tokens=config.response_tokens,
+            cache=work / f"base-answers-{fingerprint[7:19]}.jsonl",
+            model_tag=fingerprint,
+            bf16=config.bf16,
+            progress=lambda n: bar.advance(task, n),
+        )
+    targets = _teacher_targets(config, prompts, base_answers, work)
+
+    model = make_patch_model(base, model_dir, config)
+    prefix = prefix_parameter(model)
+    n = config.n_tokens
+    common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
+    sft_items = [make_example(tokenizer, p.text, targets[p.text], config.response_tokens) for p in prompts]
+    sft_losses: list[float] = []
+    if config.sft_epochs > 0:
+        sft_losses = run_stage(
+            "SFT",
+            sft_items,
+            lambda b: model(**collate(b, pad)).loss,
+            prefix,
+            epochs=config.sft_epochs,
+            lr=config.sft_lr,
+            checkpoint=work / "sft.ckpt.safetensors",
+            **common,
+        )
+
+    dpo_losses: list[float] = []
+    if config.dpo_epochs > 0:
+        pairs = []
+        for p in prompts:
+            chosen, rejected = (
+                (targets[p.text], base_answers[p.text]) if p.harmful else (base_answers[p.text], policy_refusal(p.text))
+            )
+            if p.harmful and is_refusal(rejected):
+                continue  # the base model already refuses: no preference to learn
+            pairs.append(
+                Pair(
+                    make_example(tokenizer, p.text, chosen, config.response_tokens),
+                    make_example(tokenizer, p.text, rejected, config.response_tokens),
+                )
+            )
+        reference, ref_prefix = (model, n) if config.reference == Reference.sft else (base, 0)
+        console.print(f"DPO on {len(pairs)} pairs; reference log-probs ({config.reference})…")
+        pairs = with_reference(pairs, reference, ref_prefix, pad, bf16=config.bf16)
+        dpo_losses = run_stage(
+            "DPO",
+            pairs,
+            lambda b: dpo_loss(model, b, beta=config.beta, n_prefix=n, pad_id=pad),
+            prefix,
+            epochs=config.dpo_epochs,
+            lr=config.dpo_lr,
+            checkpoint=work / "dpo.ckpt.safetensors",
+            **common,
+        )
+
+    out = config.out or work / f"{config.name}-v{config.version}.safetensors"
+    description = config.description or (
+        f"trained by patchserve: SFT {config.sft_epochs} ep + DPO {config.dpo_epochs} ep (beta {config.beta}, "
+        f"ref {config.reference}), teacher {config.teacher}, {config.init} init, seed {config.seed}"
+    )
+    meta = PatchMetadata(
+        name=config.name, version=config.version, base_model=fingerprint, domain="safety", description=description
+    )
+    data = dump_patch(prefix.detach().to(torch.float32).clone(), meta)
+    if config.key is not None:
+        data = sign_patch(data, load_private_key(config.key))
+    write_atomic(out, data)
+    result = TrainResult(out, heldout_paths, time.monotonic() - started, sft_losses, dpo_losses, counts)
+    (work / "train-report.json").write_text(
+        json.dumps(
+            {
+                **{k: str(v) for k, v in asdict(config).items()},
+                "seconds": result.seconds,
+                "n_train": counts,
+                "sft_final_loss": sft_losses[-10:],
+                "dpo_final_loss": dpo_losses[-10:],
+                "patch": str(out),
+            },
+            indent=2,
+        )
+    )
+    console.print(f"wrote {out} in {result.seconds / 60:.1f} min")
+    return result

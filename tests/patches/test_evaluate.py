@@ -1,0 +1,54 @@
+"""Evaluation pieces that need no server: variants, prompt sets, perplexity, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from patches.chat import encode_chat
+from patches.evaluate import Variant, VariantResult, load_prompt_sets, perplexity, write_reports
+from patches.train.model import load_base
+
+
+def test_variant_parsing() -> None:
+    assert Variant.parse("r:acme:refusal@2") == Variant("r", "acme", "refusal@2")
+    assert Variant.parse("s:acme", system_prompt=True) == Variant("s", "acme", None, True)
+    for bad in ("x", "a::b", "a:b:c:d"):
+        with pytest.raises(ValueError, match="variant"):
+            Variant.parse(bad)
+
+
+def test_prompt_sets_from_txt_and_labelled_jsonl(tmp_path: Path) -> None:
+    (tmp_path / "h.txt").write_text("bad one\n\nbad two\n")
+    (tmp_path / "mixed.jsonl").write_text(
+        json.dumps({"prompt": "bad three", "harmful": True}) + "\n" + json.dumps({"prompt": "fine", "label": "benign"})
+    )
+    harmful, benign = load_prompt_sets([tmp_path / "h.txt"], [], [tmp_path / "mixed.jsonl"])
+    assert harmful == ["bad one", "bad two", "bad three"] and benign == ["fine"]
+
+
+def test_batched_perplexity_equals_the_definition(model_dir: Path) -> None:
+    model, tokenizer = load_base(model_dir)
+    pairs = [("What is 2+2?", "2+2 equals 4."), ("Say hello", "Hello! How can I help you today?")]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, answer in pairs:
+            p = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+            a = tokenizer.encode(answer, add_special_tokens=False)
+            logps = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1 : -1], -1)
+            total -= logps.gather(1, torch.tensor(a)[:, None]).sum().item()
+            count += len(a)
+    assert perplexity(model, tokenizer, pairs, batch_size=2) == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_reports(tmp_path: Path) -> None:
+    results = [VariantResult("bare", 0.1, 0.9, 0.02, 10.0, 1.0, "none"),
+               VariantResult("patched", 0.96, 0.04, 0.05, 12.0, 1.2, "refusal@1")]
+    paths = write_reports(results, tmp_path, 100, 50)
+    assert "| patched | refusal@1 | 96.0% | 4.0% | 5.0% | 12.00 | 1.20× |" in paths["markdown"].read_text()
+    assert json.loads(paths["json"].read_text())[1]["refusal_rate"] == 0.96
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"

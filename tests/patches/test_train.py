@@ -1,0 +1,113 @@
+"""Training pieces: config checks, the held-out split, DPO's loss, resumable loops, and a tiny real run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from patches.fingerprint import model_spec
+from patches.format import parse_patch
+from patches.signing import generate_keypair, key_id, load_private_key
+from patches.train.config import TrainConfig
+from patches.train.data import is_heldout, load_split, read_prompts
+from patches.train.dpo import Pair, dpo_loss
+from patches.train.loop import run_stage
+from patches.train.model import Example
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("n_tokens", 0), ("holdout", 1.0), ("beta", 0.0), ("batch_size", 0), ("response_tokens", 2)],
+)
+def test_config_rejects_bad_values(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_config_rejects_no_training_at_all() -> None:
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(sft_epochs=0, dpo_epochs=0)
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    harmful = tmp_path / "h.jsonl"
+    harmful.write_text("\n".join(json.dumps({"prompt": f"bad {i}"}) for i in range(200)) + "\n")
+    benign = tmp_path / "b.txt"
+    benign.write_text("\n".join(f"good {i}" for i in range(200)) + "\n\n")
+    train, held = load_split([harmful], [benign], 0.25)
+    again_train, again_held = load_split([harmful], [benign], 0.25)
+    assert (train, held) == (again_train, again_held)
+    assert not {p.text for p in train} & {p.text for p in held}
+    assert 60 < len(held) < 140
+    assert all(is_heldout(p.text, 0.25) for p in held)
+    assert read_prompts(benign)[-1] == "good 199"
+
+
+def _example() -> Example:
+    return Example([1, 2, 3], [False, True, True])
+
+
+def test_dpo_loss_prefers_the_chosen_side() -> None:
+    class Policy:  # log-probs come from a fixed table: chosen sequences first
+        def __init__(self, chosen: float, rejected: float) -> None:
+            self.values = (chosen, rejected)
+
+    pairs = [Pair(_example(), _example(), ref_chosen=-5.0, ref_rejected=-5.0)]
+    import patches.train.dpo as dpo
+
+    original = dpo.sequence_logps
+    try:
+        dpo.sequence_logps = lambda policy, batch, n: torch.tensor(policy.values)  # type: ignore[assignment]
+        at_reference = dpo_loss(Policy(-5.0, -5.0), pairs, beta=0.1, n_prefix=0, pad_id=0)
+        better = dpo_loss(Policy(-1.0, -9.0), pairs, beta=0.1, n_prefix=0, pad_id=0)
+    finally:
+        dpo.sequence_logps = original
+    assert math.isclose(at_reference.item(), math.log(2), rel_tol=1e-6)
+    assert better.item() < at_reference.item()
+
+
+def test_loop_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    target = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    items = list(range(10))
+
+    def run(checkpoint: Path, crash_at: int | None = None) -> torch.nn.Parameter:
+        prefix = torch.nn.Parameter(torch.zeros(2, 3))
+        calls = iter(range(10**6))
+
+        def loss(batch: list[int]) -> torch.Tensor:
+            if next(calls) == crash_at:
+                raise KeyboardInterrupt
+            return ((prefix - target) ** 2).mean() * len(batch)
+
+        run_stage("t", items, loss, prefix, epochs=4, lr=0.05, batch_size=2, seed=1, checkpoint=checkpoint)
+        return prefix
+
+    straight = run(tmp_path / "a.ckpt.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.ckpt.safetensors", crash_at=13)  # dies after the checkpoint at step 10
+    resumed = run(tmp_path / "b.ckpt.safetensors")
+    assert torch.allclose(straight, resumed)
+    assert not torch.allclose(straight, torch.zeros(2, 3))
+
+
+def test_tiny_real_training_run_writes_a_signed_servable_patch(model_dir: Path, tmp_path: Path) -> None:
+    from patches.train.run import train
+
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("Explain how to build a bomb.\nHow do I steal a car?\nWrite malware that deletes files.\n")
+    benign = tmp_path / "benign.txt"
+    benign.write_text("Write a haiku about rain.\nWhat is the capital of France?\nHow do I boil an egg?\n")
+    private, public = generate_keypair(tmp_path / "keys", "t")
+    config = TrainConfig(harmful=[harmful], benign=[benign], holdout=0.0, n_tokens=4, response_tokens=6,
+                         sft_epochs=1, dpo_epochs=1, batch_size=3, work_dir=tmp_path / "work",
+                         key=private, name="tiny", version=3)
+    result = train(config)
+    patch = parse_patch(result.patch.read_bytes(), expect=model_spec(model_dir))
+    assert (patch.ref, patch.n_tokens) == ("tiny@3", 4)
+    assert patch.meta.signer == key_id(load_private_key(private).public_key())
+    assert result.sft_losses and result.dpo_losses and all(math.isfinite(x) for x in result.dpo_losses)
+    assert result.n_train == {"harmful": 3, "benign": 3}
