@@ -247,6 +247,7 @@ def train(
     init: Annotated[str, typer.Option(help="'text' or 'random'")] = "text",
     init_text: Annotated[str | None, typer.Option(help="Instruction for text init")] = None,
     sft_epochs: Annotated[float, typer.Option(help="Stage 1 (SFT) epochs")] = 1.0,
+    benign_repeat: Annotated[int, typer.Option(help="Benign examples per SFT epoch, each")] = 1,
     sft_lr: Annotated[float, typer.Option(help="Stage 1 learning rate")] = 3e-3,
     dpo_epochs: Annotated[float, typer.Option(help="Stage 2 (DPO) epochs; 0 skips")] = 1.0,
     dpo_lr: Annotated[float, typer.Option(help="Stage 2 learning rate")] = 1e-3,
@@ -270,6 +271,7 @@ def train(
     config = TrainConfig(
         name=name, version=version, model=model, harmful=harmful or [], benign=benign or [], teacher=teacher,
         n_tokens=n_tokens, init=init, init_text=init_text, sft_epochs=sft_epochs, sft_lr=sft_lr,
+        benign_repeat=benign_repeat,
         dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, batch_size=batch_size,
         response_tokens=response_tokens, holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,
         out=out, key=key, bf16=bf16, threads=threads,

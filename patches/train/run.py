@@ -100,7 +100,11 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     prefix = prefix_parameter(model)
     n = config.n_tokens
     common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
-    sft_items = [make_example(tokenizer, p.text, targets[p.text], config.response_tokens) for p in prompts]
+    sft_items = [
+        make_example(tokenizer, p.text, targets[p.text], config.response_tokens)
+        for p in prompts
+        for _ in range(1 if p.harmful else config.benign_repeat)
+    ]
     sft_losses: list[float] = []
     if config.sft_epochs > 0:
         sft_losses = run_stage(
