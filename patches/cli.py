@@ -253,6 +253,7 @@ def train(
     dpo_lr: Annotated[float, typer.Option(help="Stage 2 learning rate")] = 1e-3,
     beta: Annotated[float, typer.Option(help="DPO beta")] = 0.1,
     reference: Annotated[str, typer.Option(help="DPO reference: 'sft' or 'bare'")] = "sft",
+    nll_weight: Annotated[float, typer.Option(help="Chosen-answer NLL weight added to DPO (RPO)")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Examples per step")] = 8,
     response_tokens: Annotated[int, typer.Option(help="Teacher responses cut to this many tokens")] = 48,
     holdout: Annotated[float, typer.Option(help="Held-out share of prompts")] = 0.2,
@@ -272,7 +273,8 @@ def train(
         name=name, version=version, model=model, harmful=harmful or [], benign=benign or [], teacher=teacher,
         n_tokens=n_tokens, init=init, init_text=init_text, sft_epochs=sft_epochs, sft_lr=sft_lr,
         benign_repeat=benign_repeat,
-        dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, batch_size=batch_size,
+        dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, nll_weight=nll_weight,
+        batch_size=batch_size,
         response_tokens=response_tokens, holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,
         out=out, key=key, bf16=bf16, threads=threads,
     )  # fmt: skip

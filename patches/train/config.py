@@ -58,6 +58,7 @@ class TrainConfig:
     dpo_lr: float = field(default=1e-3, metadata={"help": "Stage 2 learning rate (AdamW)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps closer to the reference"})
     reference: Reference = field(default=Reference.sft, metadata={"help": "DPO reference policy"})
+    nll_weight: float = field(default=1.0, metadata={"help": "Weight of the chosen answers' NLL added to DPO (RPO)"})
     batch_size: int = field(default=8, metadata={"help": "Examples per optimiser step"})
     seed: int = field(default=0, metadata={"help": "Seed of data order, init and noise"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})

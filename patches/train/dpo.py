@@ -46,11 +46,19 @@ def with_reference(
     return out
 
 
-def dpo_loss(policy: Any, batch: list[Pair], *, beta: float, n_prefix: int, pad_id: int) -> torch.Tensor:
-    """Mean DPO loss of a batch of pairs under ``policy``."""
+def dpo_loss(
+    policy: Any, batch: list[Pair], *, beta: float, n_prefix: int, pad_id: int, nll_weight: float = 0.0
+) -> torch.Tensor:
+    """Mean DPO loss of a batch of pairs under ``policy``, plus ``nll_weight`` × the chosen side's
+    per-token negative log-likelihood (the RPO regulariser: it keeps the chosen answers likely, so
+    the policy cannot win the margin by making every answer less fluent)."""
     logps = sequence_logps(policy, collate([p.chosen for p in batch] + [p.rejected for p in batch], pad_id), n_prefix)
     chosen, rejected = logps[: len(batch)], logps[len(batch) :]
     ref_chosen = torch.tensor([p.ref_chosen for p in batch])
     ref_rejected = torch.tensor([p.ref_rejected for p in batch])
     margin = (chosen - ref_chosen) - (rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin).mean()
+    loss = -F.logsigmoid(beta * margin).mean()
+    if nll_weight:
+        tokens = torch.tensor([sum(p.chosen.response_mask) for p in batch], dtype=chosen.dtype)
+        loss = loss + nll_weight * (-chosen / tokens).mean()
+    return loss

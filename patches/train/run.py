@@ -139,7 +139,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         dpo_losses = run_stage(
             "DPO",
             pairs,
-            lambda b: dpo_loss(model, b, beta=config.beta, n_prefix=n, pad_id=pad),
+            lambda b: dpo_loss(model, b, beta=config.beta, n_prefix=n, pad_id=pad, nll_weight=config.nll_weight),
             prefix,
             epochs=config.dpo_epochs,
             lr=config.dpo_lr,
