@@ -13,8 +13,6 @@ Run: ``python -m bench.block_size [--sizes 32 64 128] [--requests N]``. Writes
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import tempfile
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.launch import prepare_root, running_server, server_env
+from bench.launch import prepare_root, running_server, server_env, write_result
 from patches.basemodel import prepare_default_model
 from patches.demo import text_patch
 from patches.format import write_atomic
@@ -105,10 +103,7 @@ def main() -> None:
     prepare_root(root, tenants)
     write_atomic(root / "patches" / "p.safetensors", text_patch(model_dir, "p", n_tokens=50))
     result = {size: measure(size, args.requests, args.max_tokens, root, model_dir) for size in args.sizes}
-    out = Path(os.environ.get("PATCHSERVE_BENCH_OUT", "bench-results"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "block_size.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))  # noqa: T201 - a benchmark's report
+    write_result("block_size", result)
 
 
 if __name__ == "__main__":

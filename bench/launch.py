@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -69,6 +70,16 @@ def wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: flo
             raise RuntimeError(f"server start-up failed: {ready.text}\n{log_path.read_text()[-4000:]}")
         time.sleep(0.5)
     raise RuntimeError(f"server not ready after {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
+def write_result(name: str, result: object) -> Path:
+    """Write ``$PATCHSERVE_BENCH_OUT/<name>.json`` (default folder ``bench-results/``) and print it."""
+    out = Path(os.environ.get("PATCHSERVE_BENCH_OUT", "bench-results"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))  # noqa: T201 - a benchmark's report
+    return path
 
 
 @contextmanager

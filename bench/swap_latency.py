@@ -12,8 +12,6 @@ Run: ``python -m bench.swap_latency [--swaps N]`` (``make bench-swap``). Writes
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import tempfile
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.launch import prepare_root, running_server, server_env
+from bench.launch import prepare_root, running_server, server_env, write_result
 from patches.basemodel import prepare_default_model
 from patches.demo import text_patch
 from patches.format import write_atomic
@@ -87,10 +85,7 @@ def main() -> None:
         "admin_swap_to_first_response": summary(admin),
         "file_drop_to_first_response": summary(drop),
     }
-    out = Path(os.environ.get("PATCHSERVE_BENCH_OUT", "bench-results"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "swap_latency.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))  # noqa: T201 - a benchmark's report
+    write_result("swap_latency", result)
 
 
 if __name__ == "__main__":

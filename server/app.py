@@ -21,7 +21,7 @@ from patches.signing import Verifier
 from patches.tenants import hash_api_key, load_tenants
 from patches.trust import Revocations, TrustStore
 from server.admin import AdminService
-from server.engine import Engine, EngineConfig, VllmEngine
+from server.engine import TUNABLES, Engine, EngineConfig, VllmEngine
 from server.errors import install_handlers
 from server.prompting import PromptEncoder
 from server.routes import admin, chat, completions, health, models
@@ -83,16 +83,7 @@ async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
             app.state.watch_task = asyncio.create_task(
                 app.state.watcher.run(app.state.stop, polling=settings.watch_polling)
             )
-        config = EngineConfig(
-            model_dir=model_dir,
-            served_model_name=name,
-            dtype=settings.dtype,
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
-            block_size=settings.block_size,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            enforce_eager=settings.enforce_eager,
-        )
+        config = EngineConfig(model_dir=model_dir, served_model_name=name, **settings.model_dump(include=set(TUNABLES)))
         app.state.engine = await engine_factory(config)
         app.state.service = CompletionService(app.state.engine, app.state.encoder, name)
         log.info("patchserve ready: model %s, %d patch versions loaded", name, len(app.state.registry.entries()))

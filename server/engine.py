@@ -90,6 +90,10 @@ class Engine(Protocol):
     async def shutdown(self) -> None: ...
 
 
+# Engine settings passed through unchanged from Settings to EngineConfig to vLLM's engine args.
+TUNABLES = ("dtype", "max_model_len", "max_num_seqs", "block_size", "gpu_memory_utilization", "enforce_eager")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_dir: Path
@@ -120,12 +124,7 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=str(config.model_dir),
             served_model_name=config.served_model_name,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            block_size=config.block_size,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            enforce_eager=config.enforce_eager,
+            **{name: getattr(config, name) for name in TUNABLES},
             enable_prompt_embeds=True,
             enable_prefix_caching=True,
             trust_remote_code=False,  # security: never run model-repo code
