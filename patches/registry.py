@@ -78,7 +78,6 @@ class PatchRegistry:
         self._lock = threading.Lock()
         self._patches: dict[str, dict[int, LoadedPatch]] = {}
         self._rejections: dict[str, Rejection] = {}
-        self.swaps = 0
 
     # -- loading ---------------------------------------------------------------------------------
     def load_file(self, path: Path) -> Patch:
@@ -180,7 +179,6 @@ class PatchRegistry:
             self.guard.accept(patch.name, patch.version, patch.digest)
             self._patches = snapshot
             self._rejections.pop(source, None)
-            self.swaps += 1
         log.info("patch %s loaded from %s (%s)", patch.ref, source, patch.digest[:19])
 
     def _reject(self, source: str, exc: PatchRejected) -> None:
@@ -227,7 +225,6 @@ class PatchRegistry:
                 raise exc
             self._patches = after
             self.guard.retire(name, version)
-            self.swaps += 1
         log.info("patch %s@%s unloaded", name, version)
         return entry.patch
 
@@ -255,7 +252,6 @@ class PatchRegistry:
                     purged.append(entry.patch)
                     log.warning("patch %s unloaded: %s", entry.patch.ref, reason)
             self._patches = {name: versions for name, versions in snapshot.items() if versions}
-            self.swaps += bool(purged)
         return purged
 
     def roll_back(self, name: str, version: int) -> list[Patch]:

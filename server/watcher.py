@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 
 from watchfiles import Change, awatch
@@ -54,7 +53,6 @@ class PatchWatcher:
         self.tenants_file = tenants_file.resolve()
         self.verifier, revocations_file = revocations or (None, None)
         self.revocations_file = revocations_file.resolve() if revocations_file else None
-        self.last_change: float | None = None
 
     def relevant(self, _change: Change, raw: str) -> bool:
         """Only our files: patch files, the tenant file, the revocation list (and ConfigMap swaps)."""
@@ -90,7 +88,6 @@ class PatchWatcher:
             self.reload_revocations()
         if reload_tenants:
             self.reload_tenants()
-        self.last_change = time.time()
 
     def reload_revocations(self) -> None:
         """Re-read the revocation list and unload every loaded patch it now revokes."""
