@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.patchserve-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install model run test test-unit lint bench-swap bench-blocks clean
+.PHONY: install model run test test-tools test-unit lint bench-swap bench-blocks clean
 
 # Idempotent: re-runs only when the venv is missing or the dependency list changed.
 $(STAMP): pyproject.toml scripts/install.py
@@ -27,7 +27,16 @@ run: model
 	PATCHSERVE_PATCH_DIR="$$pd" PATCHSERVE_TRUST_DIR=$${PATCHSERVE_TRUST_DIR:-deploy/demo/trust} \
 	exec $(PY) -m server
 
-test: model
+# The metrics integration test scrapes the server with a real Prometheus (Debian's package); as root
+# with apt this installs it, elsewhere the test skips (and fails under CI=true).
+test-tools:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null || \
+	    { apt-get update -q >/dev/null && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }; } || \
+	  echo "prometheus could not be installed: tests/integration/test_prometheus.py will skip"
+
+test: model test-tools
 	$(PY) -m ruff check server patches tests
 	$(PY) -m pytest
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from patches.errors import PatchNotFound, PatchRejected, RejectReason
 from patches.format import Patch
@@ -26,6 +27,16 @@ PatchLoader = Callable[[bytes], Patch]
 # (tenant id, its default stack) for every tenant: what an unload must not break.
 PinnedStacks = Callable[[], Iterable[tuple[str, list[PatchRef]]]]
 Snapshot = Mapping[str, Mapping[int, "LoadedPatch"]]
+
+
+class RegistryListener(Protocol):
+    """Told about every version made live and every refusal (the server's metrics implement it)."""
+
+    def published(self, patch: Patch, seconds: float) -> None:
+        """``patch`` went live ``seconds`` after its bytes were received."""
+
+    def rejected(self, reason: str) -> None:
+        """A file or operation was refused for ``reason`` (a :class:`RejectReason` value)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ class PatchRegistry:
         self._lock = threading.Lock()
         self._patches: dict[str, dict[int, LoadedPatch]] = {}
         self._rejections: dict[str, Rejection] = {}
+        self.listeners: list[RegistryListener] = []
 
     # -- loading ---------------------------------------------------------------------------------
     def load_file(self, path: Path) -> Patch:
@@ -90,8 +102,9 @@ class PatchRegistry:
         Raises:
             PatchRejected: The file was refused; nothing that is serving changed.
         """
+        started = time.perf_counter()
         patch = self._read(path)
-        self._admit(patch, path.name)
+        self._admit(patch, path.name, started)
         return patch
 
     def load_bytes(self, data: bytes, persist: Callable[[Patch], str]) -> Patch:
@@ -102,12 +115,13 @@ class PatchRegistry:
         Raises:
             PatchRejected: Refused; nothing changed.
         """
+        started = time.perf_counter()
         try:
             patch = self._loader(data)
         except PatchRejected as exc:
             self._reject("upload", exc)
             raise
-        self._admit(patch, "upload", persist)
+        self._admit(patch, "upload", started, persist)
         return patch
 
     def load_dir(self, directory: Path) -> list[Patch]:
@@ -116,14 +130,15 @@ class PatchRegistry:
         for path in sorted(directory.glob("*.safetensors")):
             if path.name.startswith("."):  # temporary files of atomic writes
                 continue
+            started = time.perf_counter()
             try:
-                read.append((self._read(path), path.name))
+                read.append((self._read(path), path.name, started))
             except PatchRejected:
                 continue
         loaded = []
-        for patch, source in sorted(read, key=lambda item: (item[0].name, item[0].version)):
+        for patch, source, started in sorted(read, key=lambda item: (item[0].name, item[0].version)):
             try:
-                self._admit(patch, source)
+                self._admit(patch, source, started)
                 loaded.append(patch)
             except PatchRejected:
                 continue
@@ -144,7 +159,9 @@ class PatchRegistry:
             self._reject(path.name, rejected)
             raise rejected from exc
 
-    def _admit(self, patch: Patch, source: str, persist: Callable[[Patch], str] | None = None) -> None:
+    def _admit(
+        self, patch: Patch, source: str, started: float, persist: Callable[[Patch], str] | None = None
+    ) -> None:
         try:
             self.guard.check(patch.name, patch.version, patch.digest)
         except PatchRejected as exc:
@@ -152,9 +169,9 @@ class PatchRegistry:
             raise
         if persist is not None:
             source = persist(patch)
-        self._publish(patch, source)
+        self._publish(patch, source, started)
 
-    def _publish(self, patch: Patch, source: str) -> None:
+    def _publish(self, patch: Patch, source: str, started: float) -> None:
         entry = LoadedPatch(patch=patch, source=source, loaded_at=time.time())
         with self._lock:
             current = self._patches.get(patch.name, {}).get(patch.version)
@@ -180,11 +197,19 @@ class PatchRegistry:
             self._patches = snapshot
             self._rejections.pop(source, None)
         log.info("patch %s loaded from %s (%s)", patch.ref, source, patch.digest[:19])
+        seconds = time.perf_counter() - started
+        for listener in self.listeners:
+            listener.published(patch, seconds)
 
     def _reject(self, source: str, exc: PatchRejected) -> None:
         with self._lock:
             self._rejections[source] = Rejection(source=source, reason=str(exc.reason), message=str(exc))
         log.warning("patch file %s refused (%s): %s", source, exc.reason, exc)
+        self._notify_rejected(exc.reason)
+
+    def _notify_rejected(self, reason: str) -> None:
+        for listener in self.listeners:
+            listener.rejected(str(reason))
 
     # -- unloading -------------------------------------------------------------------------------
     @staticmethod
@@ -222,9 +247,13 @@ class PatchRegistry:
                 )
                 self._rejections[source or entry.source] = Rejection(entry.source, str(exc.reason), str(exc))
                 log.warning("unload of %s@%s refused: %s", name, version, exc)
-                raise exc
-            self._patches = after
-            self.guard.retire(name, version)
+            else:
+                exc = None
+                self._patches = after
+                self.guard.retire(name, version)
+        if exc is not None:
+            self._notify_rejected(exc.reason)
+            raise exc
         log.info("patch %s@%s unloaded", name, version)
         return entry.patch
 
@@ -252,6 +281,8 @@ class PatchRegistry:
                     purged.append(entry.patch)
                     log.warning("patch %s unloaded: %s", entry.patch.ref, reason)
             self._patches = {name: versions for name, versions in snapshot.items() if versions}
+        for _ in purged:
+            self._notify_rejected(RejectReason.revoked)
         return purged
 
     def roll_back(self, name: str, version: int) -> list[Patch]:

@@ -23,8 +23,10 @@ from patches.trust import Revocations, TrustStore
 from server.admin import AdminService
 from server.engine import TUNABLES, Engine, EngineConfig, VllmEngine
 from server.errors import install_handlers
+from server.metrics import Metrics, MetricsMiddleware
+from server.overhead import OverheadSampler
 from server.prompting import PromptEncoder
-from server.routes import admin, chat, completions, health, models
+from server.routes import admin, chat, completions, health, metrics, models
 from server.serving import CompletionService
 from server.settings import Settings
 from server.tenancy import TenantResolver
@@ -59,6 +61,8 @@ def _load_patches_and_tenants(app: FastAPI, settings: Settings, model_dir: Path)
         tenants, registry, separator_id=encoder.separator_id, dtype=getattr(torch, settings.dtype)
     )
     registry.pinned = resolver.pinned
+    registry.listeners.append(app.state.metrics)
+    app.state.metrics.watch_registry(lambda: [entry.patch for entry in registry.entries()])
     registry.load_dir(settings.patch_dir)
     revocations = (verifier, settings.revocations_file) if settings.revocations_file else None
     watcher = PatchWatcher(registry, resolver, settings.patch_dir, settings.tenants_file, revocations)
@@ -84,8 +88,15 @@ async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
                 app.state.watcher.run(app.state.stop, polling=settings.watch_polling)
             )
         config = EngineConfig(model_dir=model_dir, served_model_name=name, **settings.model_dump(include=set(TUNABLES)))
-        app.state.engine = await engine_factory(config)
-        app.state.service = CompletionService(app.state.engine, app.state.encoder, name)
+        engine = app.state.engine = await engine_factory(config)
+        app.state.sampler = OverheadSampler(
+            engine,
+            app.state.metrics,
+            rate=settings.overhead_sample_rate,
+            window=settings.overhead_window,
+            max_tokens=settings.overhead_max_tokens,
+        )
+        app.state.service = CompletionService(engine, app.state.encoder, name, app.state.metrics, app.state.sampler)
         log.info("patchserve ready: model %s, %d patch versions loaded", name, len(app.state.registry.entries()))
     except Exception as exc:
         log.exception("start-up failed")
@@ -106,6 +117,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.watch_task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(app.state.watch_task, timeout=5)
+        if app.state.sampler is not None:
+            await app.state.sampler.close()
         if app.state.engine is not None:
             await app.state.engine.shutdown()
 
@@ -124,8 +137,10 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     state.engine_factory = engine_factory or VllmEngine.start
     state.model_name = state.settings.served_model_name or DEFAULT_MODEL_NAME
     state.engine = state.service = state.resolver = state.registry = state.admin = state.watch_task = None
-    state.startup_error = None
+    state.sampler = state.startup_error = None
+    state.metrics = Metrics(max_stacks=state.settings.metrics_max_stacks)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     install_handlers(app)
-    for module in (chat, completions, models, health, admin):
+    for module in (chat, completions, models, health, metrics, admin):
         app.include_router(module.router)
     return app

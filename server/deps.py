@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Request
 
 from server.admin import AdminService
 from server.errors import APIError
+from server.metrics import UNRESOLVED
 from server.serving import CompletionService
 from server.settings import Settings
 from server.tenancy import ResolvedStack, TenantResolver
@@ -34,14 +35,19 @@ def get_service(request: Request) -> CompletionService:
 
 
 def get_stack(
+    request: Request,
     resolver: Annotated[TenantResolver, Depends(get_resolver)],
     authorization: Annotated[str | None, Header()] = None,
     x_tenant_id: Annotated[str | None, Header()] = None,
     x_patch_stack: Annotated[str | None, Header()] = None,
 ) -> ResolvedStack:
-    """Authenticate the caller and fix the request's patch stack, once, at admission."""
+    """Authenticate the caller and fix the request's patch stack, once, at admission. The metric labels
+    (tenant, stack) are left on the request state for the status counter."""
     tenant = resolver.authenticate(authorization, x_tenant_id)
-    return resolver.resolve(tenant, x_patch_stack)
+    request.state.metric_labels = (tenant.id, UNRESOLVED)
+    stack = resolver.resolve(tenant, x_patch_stack)
+    request.state.metric_labels = (tenant.id, request.app.state.metrics.stack_label(stack.applied))
+    return stack
 
 
 def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:

@@ -22,6 +22,7 @@ import torch
 from patches.stack import Prefix
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,13 @@ class VllmEngine:
             raise EngineRequestError(str(exc)) from exc
         except EngineDeadError as exc:
             raise EngineUnavailable("the inference engine stopped; the server must be restarted") from exc
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """Where vLLM's stat logger keeps its ``vllm:*`` metrics."""
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        return get_prometheus_registry()
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._llm.shutdown)

@@ -15,6 +15,8 @@ from pydantic import BaseModel
 
 from server.engine import Engine, EngineChunk, EngineRequest
 from server.errors import APIError, classify, error_body
+from server.metrics import Metrics, RequestTracker
+from server.overhead import OverheadSampler
 from server.prompting import PromptEncoder
 from server.protocol import (
     ChatChoice,
@@ -144,12 +146,23 @@ class CompletionService:
         engine: The inference engine.
         encoder: Tokenizer and chat template of the served model.
         model_name: Model id reported in responses.
+        metrics: Where latencies, tokens and refusals are counted (a private registry by default).
+        sampler: Measures patch overhead on a sample of finished requests (off by default).
     """
 
-    def __init__(self, engine: Engine, encoder: PromptEncoder, model_name: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        encoder: PromptEncoder,
+        model_name: str,
+        metrics: Metrics | None = None,
+        sampler: OverheadSampler | None = None,
+    ) -> None:
         self.engine = engine
         self.encoder = encoder
         self.model_name = model_name
+        self.metrics = metrics or Metrics()
+        self.sampler = sampler
 
     async def chat(
         self, request: ChatCompletionRequest, stack: ResolvedStack
@@ -217,19 +230,39 @@ class CompletionService:
             n=request.n, prompt_tokens=len(prompt_ids), patch_tokens=len(stack.prefix) if stack.prefix else 0
         )
         if request.stream:
-            return self._stream(engine_request, shaper, totals, request.include_usage)
-        async for chunk in self.engine.generate(engine_request):
-            totals.add(chunk)
+            return self._stream(engine_request, stack, shaper, totals, request.include_usage)
+        async for _ in self._generate(engine_request, stack, totals):
+            pass
         return shaper.response(totals)
 
+    async def _generate(
+        self, engine_request: EngineRequest, stack: ResolvedStack, totals: _Totals
+    ) -> AsyncIterator[EngineChunk]:
+        """The engine's chunks, accumulated into ``totals`` and measured; a completed generation's
+        choices are classified (refusal metrics) and offered to the overhead sampler."""
+        label = self.metrics.stack_label(stack.applied)
+        tracker = RequestTracker.begin(self.metrics, stack.tenant, label, totals.prompt_tokens, totals.patch_tokens)
+        async for chunk in self.engine.generate(engine_request):
+            totals.add(chunk)
+            tracker.tokens(chunk.n_tokens, chunk.cached_tokens)
+            yield chunk
+        tracker.finish()
+        self.metrics.classify(stack.tenant, label, stack.patches, (totals.text(i) for i in range(totals.n)))
+        if self.sampler is not None:
+            self.sampler.offer(engine_request, stack.tenant, label, totals.completion_tokens // max(totals.n, 1))
+
     async def _stream(
-        self, engine_request: EngineRequest, shaper: _Shaper, totals: _Totals, include_usage: bool
+        self,
+        engine_request: EngineRequest,
+        stack: ResolvedStack,
+        shaper: _Shaper,
+        totals: _Totals,
+        include_usage: bool,
     ) -> AsyncIterator[str]:
         try:
             for frame in shaper.start(totals.n):
                 yield frame
-            async for chunk in self.engine.generate(engine_request):
-                totals.add(chunk)
+            async for chunk in self._generate(engine_request, stack, totals):
                 if chunk.text or chunk.finish_reason is not None:
                     yield shaper.delta(chunk)
             if include_usage:

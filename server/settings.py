@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="Bearer token of the /admin API; unset = disabled.")
     watch: bool = Field(True, description="Watch the patch directory and tenant file for changes.")
     watch_polling: bool = Field(False, description="Poll instead of inotify (network volumes).")
+    overhead_sample_rate: float = Field(
+        0.01, ge=0, le=1, description="Share of patched requests replayed with and without the patch (overhead)."
+    )
+    overhead_window: int = Field(32, ge=1, description="Replay pairs the overhead gauge averages over.")
+    overhead_max_tokens: int = Field(128, ge=1, description="Cap on output tokens per overhead replay.")
+    metrics_max_stacks: int = Field(256, ge=1, description="Distinct stack label values before 'other'.")
+    drain_timeout: int = Field(30, ge=0, description="Seconds SIGTERM waits for in-flight requests to finish.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

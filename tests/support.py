@@ -51,13 +51,17 @@ class FakeEngine:
     """A scripted engine: answers ``" w0 w1 …"`` and records every request it gets.
 
     The first word names the prefix length (``P<n>``) so tests can see which stack reached the engine.
-    ``fail_after`` makes generation raise after that many chunks (to test mid-stream errors).
+    ``fail_after`` makes generation raise after that many chunks (to test mid-stream errors);
+    ``reply`` replaces the scripted words (one word per token); ``cached_tokens`` is reported as the
+    request's prefix-cache hits.
     """
 
     def __init__(self, max_model_len: int = 256) -> None:
         self.max_model_len = max_model_len
         self.requests: list[EngineRequest] = []
         self.fail_after: int | None = None
+        self.reply: str | None = None
+        self.cached_tokens = 0
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         self.requests.append(request)
@@ -69,8 +73,15 @@ class FakeEngine:
                 if self.fail_after is not None and sent >= self.fail_after:
                     raise RuntimeError("fake engine failure")
                 text = f" P{prefix_len}" if step == 0 else f" w{step}"
+                if self.reply is not None:
+                    words = self.reply.split(" ")
+                    text = (" " if step else "") + words[step] if step < len(words) else " ."
                 yield EngineChunk(
-                    index=index, text=text, n_tokens=1, finish_reason="length" if step == n_tokens - 1 else None
+                    index=index,
+                    text=text,
+                    n_tokens=1,
+                    finish_reason="length" if step == n_tokens - 1 else None,
+                    cached_tokens=self.cached_tokens,
                 )
                 sent += 1
             await asyncio.sleep(0)

@@ -25,6 +25,7 @@ TENANTS = {
         {"id": "single", "default_stack": ["alpha"], "allowed_patches": ["alpha"]},
         {"id": "stacked", "default_stack": ["alpha", "beta"], "allowed_patches": ["alpha", "beta", "wide"]},
         {"id": "hot", "default_stack": ["hot"], "allowed_patches": ["hot"]},
+        {"id": "replica", "default_stack": [], "allowed_patches": ["shared"], "allow_unpatched": True},
     ]
 }
 
@@ -32,6 +33,7 @@ TENANTS = {
 @dataclass
 class RunningServer:
     url: str
+    root: Path
     patch_dir: Path
     log_path: Path
     key: Ed25519PrivateKey
@@ -74,6 +76,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         gpu_memory_utilization=0.3,
         max_model_len=1024,
         max_num_seqs=32,
+        overhead_sample_rate=1.0,  # test_prometheus needs overhead samples; replays never change outputs
     )
     with running_server(env, log_path) as url:
-        yield RunningServer(url, patch_dir, log_path, key, model_dir)
+        yield RunningServer(url, root, patch_dir, log_path, key, model_dir)

@@ -48,11 +48,13 @@ def _wait_started(client: TestClient) -> None:
 def make_client(
     model_dir: Path, patch_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., tuple[TestClient, FakeEngine]]]:
-    """Factory: ``make_client(tenants=..., max_model_len=...)`` → a ready client and its fake engine."""
+    """Factory: ``make_client(tenants=..., max_model_len=..., **settings)`` → a ready client and its fake engine."""
     clients: list[TestClient] = []
     tmp_path = tmp_path_factory.mktemp("tenants")
 
-    def make(tenants: dict | None = None, max_model_len: int = 256) -> tuple[TestClient, FakeEngine]:
+    def make(
+        tenants: dict | None = None, max_model_len: int = 256, **overrides: object
+    ) -> tuple[TestClient, FakeEngine]:
         tenants_file = tmp_path / f"tenants{len(clients)}.yaml"
         tenants_file.write_text(yaml.safe_dump(tenants or TENANTS))
         settings = Settings(
@@ -64,6 +66,7 @@ def make_client(
             dev_mode=True,
             watch=False,
             state_dir=tmp_path / f"state{len(clients)}",
+            **{"overhead_sample_rate": 0.0, **overrides},  # replays would interleave with engine.requests
         )
         engine = FakeEngine()
 
