@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -141,9 +143,11 @@ def dump_patch(rows: torch.Tensor, meta: PatchMetadata) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` through a hidden temporary file and a rename, so no reader or watcher sees half a file."""
+    """Write ``data`` through a hidden temporary file and a rename, so no reader or watcher sees half a file.
+    The temporary name is unique per writer, so replicas writing the same file on a shared volume never
+    trip over each other's half-written copy."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.write_bytes(data)
         tmp.replace(path)

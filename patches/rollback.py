@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 
 from patches.errors import RollbackError
+from patches.format import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,4 @@ class VersionGuard:
     def _save(self) -> None:
         if self._path is None:
             return
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(f".{self._path.name}.tmp")
-        tmp.write_text(json.dumps({"patches": self._state}, indent=2, sort_keys=True))
-        tmp.replace(self._path)
+        write_atomic(self._path, json.dumps({"patches": self._state}, indent=2, sort_keys=True).encode())

