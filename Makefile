@@ -53,5 +53,12 @@ bench-swap: model
 bench-blocks: model
 	$(PY) -m bench.block_size
 
+# What a patch costs, side by side with the alternatives (bare, system prompt, LoRA, client-side embeddings),
+# on real servers over HTTP: ~35 min on 2 cores. QUICK=1 for a smoke run; BENCH_ARGS passes more flags
+# (python -m bench.overhead --help). Results in $$PATCHSERVE_BENCH_OUT (default bench-results/).
+.PHONY: bench
+bench: model
+	$(PY) -m bench.overhead $(if $(QUICK),--quick,) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) var bench-results

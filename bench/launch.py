@@ -1,4 +1,4 @@
-"""Start a real patchserve process on a free loopback port and wait until it is ready."""
+"""Start a real patchserve process (or vLLM's own OpenAI server) on a free loopback port and wait until it is ready."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def server_env(root: Path, model_dir: Path, **settings: object) -> dict[str, str
         "tenants_file": root / "tenants.yaml",
         "state_dir": root / "state",
         "enforce_eager": os.environ.get("PATCHSERVE_ENFORCE_EAGER", "true"),
+        # No shadow replays (server/overhead.py): they would add engine work to patched requests only.
+        "overhead_sample_rate": 0,
     }
     if (root / "trust").is_dir():
         env["trust_dir"] = root / "trust"
@@ -54,14 +56,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = START_TIMEOUT_S) -> None:
-    """Poll ``/readyz`` until 200; fail fast when the process dies or start-up fails."""
+def wait_ready(
+    url: str, process: subprocess.Popen, log_path: Path, timeout: float = START_TIMEOUT_S, path: str = "/readyz"
+) -> None:
+    """Poll ``path`` until 200; fail fast when the process dies or start-up fails."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
         try:
-            ready = httpx.get(f"{url}/readyz", timeout=2)
+            ready = httpx.get(f"{url}{path}", timeout=2)
         except httpx.TransportError:
             ready = None
         if ready is not None and ready.status_code == 200:
@@ -83,19 +87,45 @@ def write_result(name: str, result: object) -> Path:
 
 
 @contextmanager
-def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """Run ``python -m server`` with ``env`` (``PATCHSERVE_*``) on a free port; yields its base URL."""
-    port = free_port()
-    full_env = {**os.environ, **env, "PATCHSERVE_HOST": "127.0.0.1", "PATCHSERVE_PORT": str(port)}
+def running_process(
+    command: list[str], env: dict[str, str], log_path: Path, port: int, ready_path: str = "/readyz"
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run ``command`` (a server listening on ``port``) with ``env`` added; yields its base URL and process."""
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "server"], stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, process, log_path)
-        yield url
+        wait_ready(url, process, log_path, path=ready_path)
+        yield url, process
     finally:
         process.terminate()
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
+
+
+@contextmanager
+def running_server_process(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run ``python -m server`` with ``env`` (``PATCHSERVE_*``) on a free port; yields its base URL and process."""
+    port = free_port()
+    env = {**env, "PATCHSERVE_HOST": "127.0.0.1", "PATCHSERVE_PORT": str(port)}
+    with running_process([sys.executable, "-m", "server"], env, log_path, port) as (url, process):
+        yield url, process
+
+
+@contextmanager
+def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """Run ``python -m server`` with ``env`` (``PATCHSERVE_*``) on a free port; yields its base URL."""
+    with running_server_process(env, log_path) as (url, _):
+        yield url
+
+
+@contextmanager
+def running_vllm_server(args: list[str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run vLLM's own OpenAI server (``vllm.entrypoints.openai.api_server``) with ``args`` on a free port."""
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args, "--host", "127.0.0.1"]
+    with running_process([*command, "--port", str(port)], {}, log_path, port, ready_path="/health") as running:
+        yield running

@@ -22,7 +22,7 @@ import httpx
 from bench.launch import prepare_root, running_server, server_env, write_result
 from patches.basemodel import prepare_default_model
 from patches.demo import text_patch
-from patches.format import write_atomic
+from patches.format import read_patch, write_atomic
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 BODY = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 1, "temperature": 0}
@@ -33,18 +33,54 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def wait_for(client: httpx.Client, version: int, started: float) -> float:
+def wait_for(client: httpx.Client, version: int, started: float, tenant: str = "hot", patch: str = "hot") -> float:
+    """Send one-token requests as ``tenant`` until ``patch@version`` answers; seconds since ``started``."""
     deadline = started + 30
     while time.perf_counter() < deadline:
-        response = client.post("/v1/chat/completions", json=BODY, headers={"X-Tenant-Id": "hot"})
-        if response.headers.get("X-Patch-Applied") == f"hot@{version}":
+        response = client.post("/v1/chat/completions", json=BODY, headers={"X-Tenant-Id": tenant})
+        if response.headers.get("X-Patch-Applied") == f"{patch}@{version}":
             return time.perf_counter() - started
-    raise TimeoutError(f"hot@{version} never went live")
+    raise TimeoutError(f"{patch}@{version} never went live")
 
 
 def summary(samples: list[float]) -> dict[str, float]:
     ms = [s * 1000 for s in samples]
     return {"n": len(ms), "p50_ms": statistics.median(ms), "p99_ms": percentile(ms, 0.99), "max_ms": max(ms)}
+
+
+def measure(
+    client: httpx.Client, patch_dir: Path, payloads: list[bytes], admin_token: str, tenant: str = "hot"
+) -> dict[str, dict[str, float]]:
+    """Swap latencies on a running server whose ``tenant`` has the patch of ``payloads`` as its default stack.
+
+    ``payloads`` are signed files of that patch with consecutive versions, each above the live one: the
+    first half is uploaded through the admin API, the second half dropped into ``patch_dir``.
+    """
+    meta = read_patch(payloads[0])[0]
+    patch, first = meta.name, meta.version
+    swaps = len(payloads) // 2
+    for _ in range(3):  # warm the engine and the patch's prefix cache
+        client.post("/v1/chat/completions", json=BODY, headers={"X-Tenant-Id": tenant})
+    baseline = []  # one one-token request alone: the floor under both latencies
+    for _ in range(20):
+        started = time.perf_counter()
+        client.post("/v1/chat/completions", json=BODY, headers={"X-Tenant-Id": tenant})
+        baseline.append(time.perf_counter() - started)
+    admin, drop = [], []
+    headers = {"Authorization": f"Bearer {admin_token}", "content-type": "application/octet-stream"}
+    for i in range(swaps):
+        started = time.perf_counter()
+        client.post("/admin/patches", content=payloads[i], headers=headers).raise_for_status()
+        admin.append(wait_for(client, first + i, started, tenant, patch))
+    for i in range(swaps, 2 * swaps):
+        started = time.perf_counter()
+        write_atomic(patch_dir / f"{patch}.safetensors", payloads[i])
+        drop.append(wait_for(client, first + i, started, tenant, patch))
+    return {
+        "one_token_request": summary(baseline),
+        "admin_swap_to_first_response": summary(admin),
+        "file_drop_to_first_response": summary(drop),
+    }
 
 
 def main() -> None:
@@ -60,31 +96,8 @@ def main() -> None:
     payloads = [
         text_patch(model_dir, "hot", version=v, noise=0.01, seed=v, key=key) for v in range(2, 2 * args.swaps + 2)
     ]
-    admin, drop = [], []
     with running_server(env, root / "server.log") as url, httpx.Client(base_url=url, timeout=60) as client:
-        for _ in range(3):  # warm the engine and the patch's prefix cache
-            client.post("/v1/chat/completions", json=BODY, headers={"X-Tenant-Id": "hot"})
-        baseline = []  # one one-token request alone: the floor under both latencies
-        for _ in range(20):
-            started = time.perf_counter()
-            client.post("/v1/chat/completions", json=BODY, headers={"X-Tenant-Id": "hot"})
-            baseline.append(time.perf_counter() - started)
-        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "content-type": "application/octet-stream"}
-        for i in range(args.swaps):
-            version = 2 + i
-            started = time.perf_counter()
-            client.post("/admin/patches", content=payloads[i], headers=headers).raise_for_status()
-            admin.append(wait_for(client, version, started))
-        for i in range(args.swaps):
-            version = 2 + args.swaps + i
-            started = time.perf_counter()
-            write_atomic(patch_dir / "hot.safetensors", payloads[args.swaps + i])
-            drop.append(wait_for(client, version, started))
-    result = {
-        "one_token_request": summary(baseline),
-        "admin_swap_to_first_response": summary(admin),
-        "file_drop_to_first_response": summary(drop),
-    }
+        result = measure(client, patch_dir, payloads, ADMIN_TOKEN)
     write_result("swap_latency", result)
 
 

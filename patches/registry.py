@@ -159,9 +159,7 @@ class PatchRegistry:
             self._reject(path.name, rejected)
             raise rejected from exc
 
-    def _admit(
-        self, patch: Patch, source: str, started: float, persist: Callable[[Patch], str] | None = None
-    ) -> None:
+    def _admit(self, patch: Patch, source: str, started: float, persist: Callable[[Patch], str] | None = None) -> None:
         try:
             self.guard.check(patch.name, patch.version, patch.digest)
         except PatchRejected as exc:
