@@ -46,8 +46,10 @@ def test_batched_perplexity_equals_the_definition(model_dir: Path) -> None:
 
 
 def test_reports(tmp_path: Path) -> None:
-    results = [VariantResult("bare", 0.1, 0.9, 0.02, 10.0, 1.0, "none"),
-               VariantResult("patched", 0.96, 0.04, 0.05, 12.0, 1.2, "refusal@1")]
+    results = [
+        VariantResult("bare", 0.1, 0.9, 0.02, 10.0, 1.0, "none"),
+        VariantResult("patched", 0.96, 0.04, 0.05, 12.0, 1.2, "refusal@1"),
+    ]
     paths = write_reports(results, tmp_path, 100, 50)
     assert "| patched | refusal@1 | 96.0% | 4.0% | 5.0% | 12.00 | 1.20× |" in paths["markdown"].read_text()
     assert json.loads(paths["json"].read_text())[1]["refusal_rate"] == 0.96

@@ -102,9 +102,20 @@ def test_tiny_real_training_run_writes_a_signed_servable_patch(model_dir: Path, 
     benign = tmp_path / "benign.txt"
     benign.write_text("Write a haiku about rain.\nWhat is the capital of France?\nHow do I boil an egg?\n")
     private, public = generate_keypair(tmp_path / "keys", "t")
-    config = TrainConfig(harmful=[harmful], benign=[benign], holdout=0.0, n_tokens=4, response_tokens=6,
-                         sft_epochs=1, dpo_epochs=1, batch_size=3, work_dir=tmp_path / "work",
-                         key=private, name="tiny", version=3)
+    config = TrainConfig(
+        harmful=[harmful],
+        benign=[benign],
+        holdout=0.0,
+        n_tokens=4,
+        response_tokens=6,
+        sft_epochs=1,
+        dpo_epochs=1,
+        batch_size=3,
+        work_dir=tmp_path / "work",
+        key=private,
+        name="tiny",
+        version=3,
+    )
     result = train(config)
     patch = parse_patch(result.patch.read_bytes(), expect=model_spec(model_dir))
     assert (patch.ref, patch.n_tokens) == ("tiny@3", 4)
