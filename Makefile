@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.patchserve-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install model run test test-tools test-unit lint bench-swap bench-blocks clean
+.PHONY: install model run test test-tools test-unit lint bench-swap bench-blocks bench-agreement clean
 
 # Idempotent: re-runs only when the venv is missing or the dependency list changed.
 $(STAMP): pyproject.toml scripts/install.py
@@ -59,6 +59,10 @@ bench-blocks: model
 .PHONY: bench
 bench: model
 	$(PY) -m bench.overhead $(if $(QUICK),--quick,) $(BENCH_ARGS)
+
+# The server's overhead metric (shadow replays) against the benchmark's measured overhead.
+bench-agreement: model
+	$(PY) -m bench.overhead_agreement
 
 clean:
 	rm -rf $(VENV) var bench-results

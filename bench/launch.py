@@ -107,11 +107,22 @@ def running_process(
 
 
 @contextmanager
-def running_server_process(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Run ``python -m server`` with ``env`` (``PATCHSERVE_*``) on a free port; yields its base URL and process."""
+def running_server_process(
+    env: dict[str, str], log_path: Path, *, torch_threads: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run ``python -m server`` with ``env`` (``PATCHSERVE_*``) on a free port; yields its base URL and process.
+
+    ``torch_threads`` (an experiment, not a server setting): ``torch.set_num_threads`` in the API server
+    process before it starts; vLLM's engine processes are spawned and keep their own thread setting.
+    """
     port = free_port()
     env = {**env, "PATCHSERVE_HOST": "127.0.0.1", "PATCHSERVE_PORT": str(port)}
-    with running_process([sys.executable, "-m", "server"], env, log_path, port) as (url, process):
+    command = [sys.executable, "-m", "server"]
+    if torch_threads is not None:
+        code = f"import runpy, torch; torch.set_num_threads({int(torch_threads)}); "
+        code += "runpy.run_module('server', run_name='__main__')"
+        command = [sys.executable, "-c", code]
+    with running_process(command, env, log_path, port) as (url, process):
         yield url, process
 
 
