@@ -572,7 +572,12 @@ def prepare_patchserve(opts: Options, root: Path, model_dir: Path) -> tuple[dict
     guard = text_patch(model_dir, "guard", text=GUARD_TEXT, n_tokens=50, key=key)
     write_atomic(patch_dir / "guard.safetensors", guard)
     write_atomic(patch_dir / "hot.safetensors", text_patch(model_dir, "hot", version=1, key=key))
-    settings = {"admin_token": ADMIN_TOKEN, "enforce_eager": str(not opts.compiled).lower(), "log_level": "warning"}
+    settings = {
+        "admin_token": ADMIN_TOKEN,
+        "enforce_eager": str(not opts.compiled).lower(),
+        "log_level": "warning",
+        "overhead_sample_rate": 0,  # shadow replays would add ~2% work to the patched variants only
+    }
     return server_env(root, model_dir, **settings), key
 
 
