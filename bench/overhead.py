@@ -310,6 +310,12 @@ def wait_quiet(limit_s: float = 600) -> float:
     return time.monotonic() - started
 
 
+def quiet() -> None:
+    """Wait for other processes to leave the CPU before a measurement that is not re-run on its own."""
+    if (waited := wait_quiet()) > 4:
+        log(f"  waited {waited:.0f}s for other processes to leave the CPU")
+
+
 def watched_segment(url: str, calls: list[Call], concurrency: int) -> Segment:
     """:func:`run_segment`, noting how much CPU other processes on the machine took meanwhile."""
     busy, own = _busy_cpu_seconds(), _own_cpu_seconds()
@@ -605,11 +611,13 @@ def run_patchserve(opts: Options, book: PromptBook, work: Path, model_dir: Path)
         interleaved(matrix, url, PATCHSERVE_VARIANTS, make, book, plans, opts)
         result["matrix"] = matrix
         log("cold vs warm prefix cache")
+        quiet()
         result["cold_vs_warm"] = cold_vs_warm(url, book, opts)
         if opts.tenant_counts:
             log(f"{opts.tenant_counts} tenants at once")
             result["tenants"] = many_tenants(url, book, plans, opts)
         log("swap latency")
+        quiet()
         payloads = [
             text_patch(model_dir, "hot", version=v, noise=0.01, seed=v, key=key) for v in range(2, 2 * opts.swaps + 2)
         ]

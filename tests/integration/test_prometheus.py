@@ -102,12 +102,21 @@ def _samples_per_tenant(server: RunningServer) -> dict[str, float]:
 
 
 def test_prometheus_scrapes_refusal_rate_and_overhead_for_two_tenants(server: RunningServer, prometheus: str) -> None:
-    # Traffic for two patched tenants until the overhead sampler (rate 1.0 in this server) has measured
-    # at least two replay pairs for each (it measures one pair at a time and skips requests meanwhile).
+    # Earlier tests may have left counters behind: let Prometheus take its first samples of them, then
+    # send traffic for two patched tenants until the overhead sampler (rate 1.0 in this server; one pair
+    # at a time, requests meanwhile skipped) has measured three more replay pairs for each, so every
+    # series *increases* while Prometheus watches (rate() needs that).
+    time.sleep(3)
+    start = _samples_per_tenant(server)
     deadline = time.monotonic() + 300
     i = 0
-    while min(_samples_per_tenant(server).get(t, 0) for t in TENANTS) < 2:
-        assert time.monotonic() < deadline, f"overhead samples: {_samples_per_tenant(server)}"
+
+    def new_pairs() -> int:
+        now = _samples_per_tenant(server)
+        return min(now.get(t, 0) - start.get(t, 0) for t in TENANTS)
+
+    while i < 4 or new_pairs() < 3:
+        assert time.monotonic() < deadline, f"overhead samples: {start} -> {_samples_per_tenant(server)}"
         tenant = TENANTS[i % 2]
         response = httpx.post(
             f"{server.url}/v1/chat/completions",
