@@ -60,6 +60,13 @@ bench-blocks: model
 bench: model
 	$(PY) -m bench.overhead $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
+# A patch on a real server: bare model vs safety system prompt vs patch, on the held-out split of the
+# training files and on prompt sets from other sources (patches/evalsets.py). PATCH="a b" (default: the
+# shipped one); results in var/eval/{heldout,external}/eval.{json,md,png}.
+.PHONY: eval
+eval: model
+	$(PY) -m bench.patch_eval $(foreach p,$(PATCH),--patch $(p)) $(EVAL_ARGS)
+
 # The server's overhead metric (shadow replays) against the benchmark's measured overhead.
 bench-agreement: model
 	$(PY) -m bench.overhead_agreement

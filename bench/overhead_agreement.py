@@ -26,8 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.launch import prepare_root, running_server, server_env, write_result
 from bench.loadgen import Call, run_segment
-from bench.overhead import DEMO_TRUST, SHIPPED_PATCH, messages, sampling, user_prompt
 from bench.stats import Segment
+from bench.variants import DEMO_TRUST, SHIPPED_PATCH, messages, sampling
+from bench.workload import user_prompt
 from patches.basemodel import prepare_default_model
 
 TENANTS = [

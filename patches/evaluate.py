@@ -51,6 +51,15 @@ class Variant:
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None, system_prompt)
 
 
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One prompt to ask, its class, and the set it came from (a file stem or a JSONL ``source`` field)."""
+
+    text: str
+    harmful: bool
+    source: str
+
+
 @dataclass
 class VariantResult:
     name: str
@@ -61,6 +70,7 @@ class VariantResult:
     perplexity_ratio: float | None = None
     patch_applied: str = ""
     answers: list[dict[str, Any]] = field(default_factory=list)
+    by_source: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 async def _ask(
@@ -77,37 +87,44 @@ async def _ask(
     return response.json()["choices"][0]["message"]["content"], response.headers.get("X-Patch-Applied", "")
 
 
+def _refusal_rate(records: list[dict[str, Any]]) -> float:
+    return sum(r["refused"] for r in records) / max(1, len(records))
+
+
+def by_source(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per prompt set: its class, size and refusal rate (refusal for harmful sets, over-refusal for benign)."""
+    sources: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        sources.setdefault(record["source"], []).append(record)
+    return {
+        name: {"harmful": rows[0]["harmful"], "n": len(rows), "refusal_rate": _refusal_rate(rows)}
+        for name, rows in sources.items()
+    }
+
+
 async def collect(
-    url: str,
-    variants: list[Variant],
-    harmful: list[str],
-    benign: list[str],
-    *,
-    max_tokens: int = 64,
-    concurrency: int = 8,
+    url: str, variants: list[Variant], prompts: list[EvalPrompt], *, max_tokens: int = 64, concurrency: int = 8
 ) -> list[VariantResult]:
     """Ask every variant every prompt (greedy) and score refusals."""
     gate = asyncio.Semaphore(concurrency)
     results = []
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         for variant in variants:
-            prompts = [(p, True) for p in harmful] + [(p, False) for p in benign]
-            answers = await asyncio.gather(*(_ask(client, variant, p, max_tokens, gate) for p, _ in prompts))
+            answers = await asyncio.gather(*(_ask(client, variant, p.text, max_tokens, gate) for p in prompts))
             records = [
-                {"prompt": p, "harmful": h, "answer": a, "refused": is_refusal(a)}
-                for (p, h), (a, _) in zip(prompts, answers, strict=True)
+                {"prompt": p.text, "harmful": p.harmful, "source": p.source, "answer": a, "refused": is_refusal(a)}
+                for p, (a, _) in zip(prompts, answers, strict=True)
             ]
-            refused_h = [r["refused"] for r in records if r["harmful"]]
-            refused_b = [r["refused"] for r in records if not r["harmful"]]
-            rate = sum(refused_h) / max(1, len(refused_h))
+            rate = _refusal_rate([r for r in records if r["harmful"]])
             results.append(
                 VariantResult(
                     variant.name,
                     rate,
                     1 - rate,
-                    sum(refused_b) / max(1, len(refused_b)),
+                    _refusal_rate([r for r in records if not r["harmful"]]),
                     patch_applied=answers[0][1] if answers else "",
                     answers=records,
+                    by_source=by_source(records),
                 )
             )
     return results
@@ -146,6 +163,19 @@ def add_fluency(results: list[VariantResult], model: Any, tokenizer: Any, baseli
         result.perplexity_ratio = (result.benign_perplexity or 0.0) / base
 
 
+def _source_table(results: list[VariantResult]) -> list[str]:
+    sets = {name: info for r in results for name, info in r.by_source.items()}
+    if len(sets) < 2:
+        return []
+    sources = list(sets)
+    heads = [f"{'refusal' if info['harmful'] else 'over-refusal'} {s} ({info['n']})" for s, info in sets.items()]
+    lines = ["", "By prompt set:", "", "| variant | " + " | ".join(heads) + " |", "|---" * (len(sources) + 1) + "|"]
+    for r in results:
+        cells = [f"{r.by_source[s]['refusal_rate']:.1%}" if s in r.by_source else "–" for s in sources]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: list[VariantResult], n_harmful: int, n_benign: int) -> str:
     lines = [
         f"Harmful prompts: {n_harmful}; benign prompts: {n_benign}.",
@@ -161,7 +191,7 @@ def markdown(results: list[VariantResult], n_harmful: int, n_benign: int) -> str
             f"| {r.name} | {r.patch_applied or '–'} | {r.refusal_rate:.1%} | {r.attack_success_rate:.1%} | "
             f"{r.over_refusal_rate:.1%} | {ppl} | {ratio} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _source_table(results)) + "\n"
 
 
 def bar_chart(results: list[VariantResult], path: Path) -> None:
@@ -195,13 +225,15 @@ def write_reports(results: list[VariantResult], out_dir: Path, n_harmful: int, n
     return paths
 
 
-def load_prompt_sets(harmful: list[Path], benign: list[Path], prompts: list[Path]) -> tuple[list[str], list[str]]:
-    """Harmful and benign prompts from files; ``prompts`` files are JSONL with ``prompt`` and ``harmful``."""
-    h = [p for f in harmful for p in read_prompts(f)]
-    b = [p for f in benign for p in read_prompts(f)]
+def load_prompt_sets(harmful: list[Path], benign: list[Path], prompts: list[Path]) -> list[EvalPrompt]:
+    """Prompts from files, harmful first; ``prompts`` files are JSONL with ``prompt``, ``harmful`` (or
+    ``label``) and optionally ``source``. A prompt's set is its file's stem unless the record names one."""
+    loaded = [EvalPrompt(p, True, f.stem) for f in harmful for p in read_prompts(f)]
+    loaded += [EvalPrompt(p, False, f.stem) for f in benign for p in read_prompts(f)]
     for path in prompts:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 record = json.loads(line)
-                (h if record.get("harmful", record.get("label") == "harmful") else b).append(record["prompt"])
-    return h, b
+                is_harmful = bool(record.get("harmful", record.get("label") == "harmful"))
+                loaded.append(EvalPrompt(record["prompt"], is_harmful, str(record.get("source", path.stem))))
+    return sorted(loaded, key=lambda p: not p.harmful)

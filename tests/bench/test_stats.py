@@ -8,7 +8,7 @@ import math
 import pytest
 
 from bench import report
-from bench.overhead import PromptBook, rotated, user_prompt
+from bench.segments import rotated
 from bench.stats import (
     SUMMARY_VARIANTS,
     Sample,
@@ -21,6 +21,7 @@ from bench.stats import (
     segment_throughput_ratios,
     throughput_overhead,
 )
+from bench.workload import PromptBook, user_prompt
 
 
 def segment(ttft: float, e2e: float, tokens: int, n: int, wall: float) -> Segment:
@@ -120,7 +121,7 @@ def test_prompts_are_fresh_and_repeatable():
 
 
 def test_point_plans_cover_the_point():
-    from bench.overhead import Options, point_plan, request_count
+    from bench.workload import Options, point_plan, request_count
 
     opts = Options(repeats=3, seconds=30)
     assert request_count(2.0, 1, opts) == 20  # 10 s of work per segment

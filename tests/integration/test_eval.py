@@ -32,6 +32,7 @@ def test_eval_writes_json_markdown_and_png(server: RunningServer, tmp_path: Path
         assert len(r["answers"]) == 3 and 0 <= r["refusal_rate"] <= 1
         assert r["attack_success_rate"] == pytest.approx(1 - r["refusal_rate"])
         assert r["benign_perplexity"] > 1
+        assert set(r["by_source"]) == {"harmful", "benign"} and r["by_source"]["harmful"]["n"] == 2
     assert report[0]["perplexity_ratio"] == pytest.approx(1.0)
     assert "| patched | alpha@1 |" in (tmp_path / "out" / "eval.md").read_text()
     assert (tmp_path / "out" / "eval.png").read_bytes()[:4] == b"\x89PNG"

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from patches.chat import encode_chat
-from patches.evaluate import Variant, VariantResult, load_prompt_sets, perplexity, write_reports
+from patches.evaluate import (
+    EvalPrompt,
+    Variant,
+    VariantResult,
+    by_source,
+    load_prompt_sets,
+    perplexity,
+    write_reports,
+)
 from patches.train.model import load_base
 
 
@@ -25,10 +33,32 @@ def test_variant_parsing() -> None:
 def test_prompt_sets_from_txt_and_labelled_jsonl(tmp_path: Path) -> None:
     (tmp_path / "h.txt").write_text("bad one\n\nbad two\n")
     (tmp_path / "mixed.jsonl").write_text(
-        json.dumps({"prompt": "bad three", "harmful": True}) + "\n" + json.dumps({"prompt": "fine", "label": "benign"})
+        json.dumps({"prompt": "fine", "label": "benign"})
+        + "\n"
+        + json.dumps({"prompt": "bad three", "harmful": True, "source": "harmbench"})
     )
-    harmful, benign = load_prompt_sets([tmp_path / "h.txt"], [], [tmp_path / "mixed.jsonl"])
-    assert harmful == ["bad one", "bad two", "bad three"] and benign == ["fine"]
+    (tmp_path / "b.txt").write_text("also fine\n")
+    loaded = load_prompt_sets([tmp_path / "h.txt"], [tmp_path / "b.txt"], [tmp_path / "mixed.jsonl"])
+    assert loaded == [
+        EvalPrompt("bad one", True, "h"),
+        EvalPrompt("bad two", True, "h"),
+        EvalPrompt("bad three", True, "harmbench"),
+        EvalPrompt("also fine", False, "b"),
+        EvalPrompt("fine", False, "mixed"),
+    ]
+
+
+def test_rates_by_prompt_set() -> None:
+    records = [
+        {"source": "hb", "harmful": True, "refused": True},
+        {"source": "hb", "harmful": True, "refused": False},
+        {"source": "xs", "harmful": False, "refused": True},
+        {"source": "hb", "harmful": True, "refused": True},
+    ]
+    assert by_source(records) == {
+        "hb": {"harmful": True, "n": 3, "refusal_rate": pytest.approx(2 / 3)},
+        "xs": {"harmful": False, "n": 1, "refusal_rate": 1.0},
+    }
 
 
 def test_batched_perplexity_equals_the_definition(model_dir: Path) -> None:
@@ -50,7 +80,15 @@ def test_reports(tmp_path: Path) -> None:
         VariantResult("bare", 0.1, 0.9, 0.02, 10.0, 1.0, "none"),
         VariantResult("patched", 0.96, 0.04, 0.05, 12.0, 1.2, "refusal@1"),
     ]
+    results[1].by_source = {
+        "hb": {"harmful": True, "n": 80, "refusal_rate": 0.95},
+        "xs": {"harmful": False, "n": 50, "refusal_rate": 0.05},
+    }
+    results[0].by_source = {"hb": {"harmful": True, "n": 80, "refusal_rate": 0.1}}
     paths = write_reports(results, tmp_path, 100, 50)
-    assert "| patched | refusal@1 | 96.0% | 4.0% | 5.0% | 12.00 | 1.20× |" in paths["markdown"].read_text()
+    text = paths["markdown"].read_text()
+    assert "| patched | refusal@1 | 96.0% | 4.0% | 5.0% | 12.00 | 1.20× |" in text
+    assert "| variant | refusal hb (80) | over-refusal xs (50) |" in text
+    assert "| bare | 10.0% | – |" in text and "| patched | 95.0% | 5.0% |" in text
     assert json.loads(paths["json"].read_text())[1]["refusal_rate"] == 0.96
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,91 @@
+"""Serve a patch file on a real server and evaluate it (``make eval``): held-out split and other sources.
+
+Two ``patchserve eval`` runs against one server with a tenant ``bare`` (no patch) and one tenant per patch
+file under test (pinned to its ``name@version``), comparing the bare model, the textual safety system
+prompt and each patch:
+
+* ``heldout``: the training sources' held-out prompts (the same hash split ``patchserve train`` keeps
+  out), tagged by file, so sets added later are reported apart from the ones before them;
+* ``external``: prompt sets from other sources, never trained on (``patches/evalsets.py``).
+
+Usage: ``python -m bench.patch_eval [--patch FILE ...] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.launch import prepare_root, running_server, server_env
+from bench.variants import DEMO_TRUST, SHIPPED_PATCH
+from patches import evalsets
+from patches.basemodel import default_cache_dir, prepare_default_model
+from patches.evaluate import EvalPrompt
+from patches.format import read_patch
+from patches.train.config import TrainConfig
+from patches.train.data import is_heldout, read_prompts
+
+REPO = Path(__file__).resolve().parents[1]
+BARE = {"id": "bare", "default_stack": [], "allowed_patches": [], "allow_unpatched": True}
+
+
+def heldout_prompts(config: TrainConfig) -> list[EvalPrompt]:
+    """The held-out prompts of the training files, deduplicated as training does, tagged with their file."""
+    seen: set[str] = set()
+    prompts = []
+    for files, harmful in ((config.harmful, True), (config.benign, False)):
+        for path in files:
+            for text in read_prompts(path):
+                if text.casefold() not in seen:
+                    seen.add(text.casefold())
+                    if is_heldout(text, config.holdout):
+                        prompts.append(EvalPrompt(text, harmful, path.stem))
+    return prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patch", type=Path, action="append", help="patch file, repeatable (default: the shipped)")
+    parser.add_argument("--trust", type=Path, default=DEMO_TRUST, help="public keys")
+    parser.add_argument("--out", type=Path, default=Path("var/eval"), help="results go to OUT/{heldout,external}")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--skip", choices=["heldout", "external"], action="append", default=[])
+    args = parser.parse_args()
+
+    sets = {
+        "heldout": heldout_prompts(TrainConfig()),
+        "external": evalsets.build(default_cache_dir() / "eval-sets"),
+    }
+    root = Path(tempfile.mkdtemp(prefix="patch-eval-"))
+    tenants, variants = [BARE], ["bare:bare:none"]
+    for path in args.patch or [SHIPPED_PATCH]:
+        meta = read_patch(path.read_bytes())[0]
+        tenant = f"{meta.name}-v{meta.version}"
+        tenants.append({"id": tenant, "default_stack": [meta.ref], "allowed_patches": [meta.name]})
+        variants.append(f"{meta.ref}:{tenant}")
+    prepare_root(root, tenants)
+    shutil.copytree(args.trust, root / "trust")
+    for path, tenant in zip(args.patch or [SHIPPED_PATCH], tenants[1:], strict=True):
+        shutil.copy(path, root / "patches" / f"{tenant['id']}.safetensors")
+    env = server_env(root, prepare_default_model(), log_level="warning")
+    with running_server(env, root / "server.log") as url:
+        for name, prompts in sets.items():
+            if name in args.skip:
+                continue
+            file = evalsets.write_jsonl(prompts, args.out / name / "prompts.jsonl")
+            subprocess.run(
+                [sys.executable, "-m", "patches.cli", "eval", "--url", url,
+                 *(arg for variant in variants for arg in ("--variant", variant)),
+                 "--system-prompt-variant", "system_prompt:bare:none", "--prompts", str(file),
+                 "--max-tokens", str(args.max_tokens), "--out", str(args.out / name)],
+                check=True, cwd=REPO,
+            )  # fmt: skip
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The overhead benchmark's variants: their requests, and the servers (patchserve, vLLM's own) behind them.
+
+The patchserve variants (``bare``, ``patch``, ``stack2``, ``text_prompt``) are tenants of one bench
+server (:func:`prepare_patchserve`: the shipped ``refusal`` patch, a second ``guard`` patch, the ``hot``
+patch that swap latency replaces, and the tenants of every phase); the vLLM variants run on vLLM's own
+OpenAI server (:func:`vllm_server`, with or without LoRA). :func:`patchserve_call` and
+:func:`vllm_chat_call` build one streamed, greedy request of a variant.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from bench.alternatives import LORA_NAME
+from bench.launch import prepare_root, running_vllm_server, server_env
+from bench.loadgen import Call
+from bench.segments import log
+from bench.workload import Options
+from patches.demo import text_patch
+from patches.evaluate import SAFETY_SYSTEM_PROMPT
+from patches.format import write_atomic
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _shipped_patch(directory: Path = REPO / "deploy/demo/patches") -> Path:
+    """The shipped ``refusal`` patch: the highest version in ``deploy/demo/patches`` (v10 sorts after v9)."""
+    files = sorted(directory.glob("refusal-v*.safetensors"), key=lambda f: int(f.stem.rsplit("-v", 1)[1]))
+    if not files:
+        raise FileNotFoundError(f"no refusal-v*.safetensors in {directory}")
+    return files[-1]
+
+
+SHIPPED_PATCH = _shipped_patch()
+DEMO_TRUST = REPO / "deploy/demo/trust"
+ADMIN_TOKEN = "bench-admin-token-0123456789"
+MODEL_ID = "base"
+PATCHSERVE_VARIANTS = ("bare", "patch", "stack2", "text_prompt")
+TENANT_OF = {"bare": "bench-bare", "patch": "bench-patch", "stack2": "bench-stack2", "text_prompt": "bench-bare"}
+GUARD_TEXT = "Be careful: decline to help with anything dangerous, illegal or hateful, and stay kind and honest."
+
+
+def messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    out = [{"role": "user", "content": prompt}]
+    return [{"role": "system", "content": system}, *out] if system else out
+
+
+def sampling(max_tokens: int) -> dict[str, object]:
+    return {
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def patchserve_call(variant: str, prompt: str, max_tokens: int, tenant: str | None = None) -> Call:
+    system = SAFETY_SYSTEM_PROMPT if variant == "text_prompt" else None
+    body = {"model": MODEL_ID, "messages": messages(prompt, system), **sampling(max_tokens)}
+    return Call("/v1/chat/completions", body, {"X-Tenant-Id": tenant or TENANT_OF[variant]})
+
+
+def vllm_chat_call(model: str, prompt: str, max_tokens: int) -> Call:
+    return Call("/v1/chat/completions", {"model": model, "messages": messages(prompt), **sampling(max_tokens)})
+
+
+PATCHED = {"default_stack": ["refusal"], "allowed_patches": ["refusal"]}
+
+
+def tenants_file(opts: Options) -> list[dict]:
+    tenants = [
+        {"id": "bench-bare", "allow_unpatched": True},
+        {"id": "bench-patch", **PATCHED},
+        {"id": "bench-stack2", "default_stack": ["refusal", "guard"], "allowed_patches": ["refusal", "guard"]},
+        {"id": "hot", "default_stack": ["hot"], "allowed_patches": ["hot"]},
+    ]
+    tenants += [{"id": f"cold-{k:04d}", **PATCHED} for k in range(opts.cold_pairs)]
+    tenants += [{"id": f"t-{k:04d}", **PATCHED} for k in range(max(opts.tenant_counts, default=0))]
+    return tenants
+
+
+def prepare_patchserve(opts: Options, root: Path, model_dir: Path) -> tuple[dict[str, str], Ed25519PrivateKey]:
+    """The bench server's files under ``root`` (tenants, the shipped patch, ``guard``, ``hot``); its env and key."""
+    key = prepare_root(root, tenants_file(opts), signer="bench")
+    assert key is not None
+    for pub in DEMO_TRUST.glob("*.pub"):  # the shipped patch is signed with the demo key
+        shutil.copy(pub, root / "trust" / pub.name)
+    patch_dir = root / "patches"
+    shutil.copy(SHIPPED_PATCH, patch_dir / SHIPPED_PATCH.name)
+    guard = text_patch(model_dir, "guard", text=GUARD_TEXT, n_tokens=50, key=key)
+    write_atomic(patch_dir / "guard.safetensors", guard)
+    write_atomic(patch_dir / "hot.safetensors", text_patch(model_dir, "hot", version=1, key=key))
+    settings = {
+        "admin_token": ADMIN_TOKEN,
+        "enforce_eager": str(not opts.compiled).lower(),
+        "log_level": "warning",
+        "overhead_sample_rate": 0,  # shadow replays would add ~2% work to the patched variants only
+    }
+    return server_env(root, model_dir, **settings), key
+
+
+def sample_text(url: str, call: Call) -> str:
+    """The non-streamed answer to ``call`` (to check that two servers compute the same thing)."""
+    body = {**call.body, "stream": False, "max_tokens": 24}  # type: ignore[dict-item]
+    body.pop("stream_options", None)
+    response = httpx.post(url + call.path, json=body, headers=call.headers, timeout=120)
+    response.raise_for_status()
+    choice = response.json()["choices"][0]
+    return choice["message"]["content"] if "message" in choice else choice["text"]
+
+
+def vllm_args(model_dir: Path, opts: Options, lora_dir: Path | None) -> list[str]:
+    args = [
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        MODEL_ID,
+        "--dtype",
+        "bfloat16",
+        "--block-size",
+        "32",
+        "--max-model-len",
+        "2048",
+        "--max-num-seqs",
+        "64",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--enable-prefix-caching",
+        "--enable-prompt-embeds",
+        "--uvicorn-log-level",
+        "warning",
+        "--disable-uvicorn-access-log",
+    ]
+    if not opts.compiled:
+        args.append("--enforce-eager")
+    if lora_dir is not None:
+        args += [
+            "--enable-lora",
+            "--max-lora-rank",
+            "16",
+            "--max-loras",
+            "1",
+            "--lora-modules",
+            f"{LORA_NAME}={lora_dir}",
+        ]
+    return args
+
+
+@contextmanager
+def vllm_server(model_dir: Path, opts: Options, lora_dir: Path | None, log_path: Path) -> Iterator[str]:
+    started = time.monotonic()
+    with running_vllm_server(vllm_args(model_dir, opts, lora_dir), log_path) as (url, _):
+        log(f"vLLM server ready in {time.monotonic() - started:.0f}s ({url})")
+        yield url
