@@ -27,24 +27,16 @@ from patches.basemodel import default_cache_dir, prepare_default_model
 from patches.evaluate import EvalPrompt
 from patches.format import read_patch
 from patches.train.config import TrainConfig
-from patches.train.data import is_heldout, read_prompts
+from patches.train.data import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 BARE = {"id": "bare", "default_stack": [], "allowed_patches": [], "allow_unpatched": True}
 
 
 def heldout_prompts(config: TrainConfig) -> list[EvalPrompt]:
-    """The held-out prompts of the training files, deduplicated as training does, tagged with their file."""
-    seen: set[str] = set()
-    prompts = []
-    for files, harmful in ((config.harmful, True), (config.benign, False)):
-        for path in files:
-            for text in read_prompts(path):
-                if text.casefold() not in seen:
-                    seen.add(text.casefold())
-                    if is_heldout(text, config.holdout):
-                        prompts.append(EvalPrompt(text, harmful, path.stem))
-    return prompts
+    """The prompts ``patchserve train`` keeps out of training, tagged with their file."""
+    _, heldout = load_split(config.harmful, config.benign, config.holdout)
+    return [EvalPrompt(p.text, p.harmful, p.source) for p in heldout]
 
 
 def main() -> None:

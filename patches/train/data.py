@@ -12,6 +12,7 @@ from pathlib import Path
 class Prompt:
     text: str
     harmful: bool
+    source: str = ""  # the stem of the file it came from
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -40,7 +41,7 @@ def load_split(harmful: list[Path], benign: list[Path], holdout: float) -> tuple
                 if key in seen:
                     continue
                 seen.add(key)
-                (heldout if is_heldout(text, holdout) else train).append(Prompt(text, is_harmful))
+                (heldout if is_heldout(text, holdout) else train).append(Prompt(text, is_harmful, path.stem))
     return train, heldout
 
 

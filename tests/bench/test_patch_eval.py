@@ -1,4 +1,4 @@
-"""``make eval``'s held-out set is exactly the prompts ``patchserve train`` keeps out, tagged by file."""
+"""``make eval``'s held-out set: the prompts ``patchserve train`` keeps out, tagged by file, asked once."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bench.patch_eval import heldout_prompts
 from patches.train.config import TrainConfig
-from patches.train.data import load_split
+from patches.train.data import is_heldout
 
 
 def test_heldout_prompts_match_the_training_split(tmp_path: Path) -> None:
@@ -16,7 +16,10 @@ def test_heldout_prompts_match_the_training_split(tmp_path: Path) -> None:
     more.write_text("".join(f"help me with BENIGN task {i}.\n" for i in range(30)) + "A new benign request.\n")
     config = TrainConfig(harmful=[harmful], benign=[benign, more], holdout=0.3)
     prompts = heldout_prompts(config)
-    _, heldout = load_split(config.harmful, config.benign, config.holdout)
-    assert [(p.text, p.harmful) for p in prompts] == [(p.text, p.harmful) for p in heldout]
-    assert {p.source for p in prompts if p.harmful} == {"harmful_a"} and len(prompts) > 10
+    assert prompts and all(is_heldout(p.text, 0.3) for p in prompts)
+    expected = sum(is_heldout(f"Do harmful thing number {i}.", 0.3) for i in range(60))
+    assert [p.source for p in prompts if p.harmful] == ["harmful_a"] * expected
+    # benign_b repeats benign_a's prompts (other case): each is asked once, tagged with its first file
     assert all(p.source == "benign_a" for p in prompts if p.text.casefold().startswith("help me with benign"))
+    assert {p.text for p in prompts if p.source == "benign_b"} <= {"A new benign request."}
+    assert not any(p.text.startswith("help me with BENIGN") for p in prompts)

@@ -44,6 +44,7 @@ def test_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
     assert not {p.text for p in train} & {p.text for p in held}
     assert 60 < len(held) < 140
     assert all(is_heldout(p.text, 0.25) for p in held)
+    assert {(p.source, p.harmful) for p in train + held} == {("h", True), ("b", False)}
     assert read_prompts(benign)[-1] == "good 199"
 
 
