@@ -48,10 +48,11 @@ def main() -> None:
     parser.add_argument("--skip", choices=["heldout", "external"], action="append", default=[])
     args = parser.parse_args()
 
-    sets = {
-        "heldout": heldout_prompts(TrainConfig()),
-        "external": evalsets.build(default_cache_dir() / "eval-sets"),
-    }
+    sets: dict[str, list[EvalPrompt]] = {}  # built before the server starts: a failed download costs no start
+    if "heldout" not in args.skip:
+        sets["heldout"] = heldout_prompts(TrainConfig())
+    if "external" not in args.skip:
+        sets["external"] = evalsets.build(default_cache_dir() / "eval-sets")
     root = Path(tempfile.mkdtemp(prefix="patch-eval-"))
     tenants, variants = [BARE], ["bare:bare:none"]
     for path in args.patch or [SHIPPED_PATCH]:
@@ -66,8 +67,6 @@ def main() -> None:
     env = server_env(root, prepare_default_model(), log_level="warning")
     with running_server(env, root / "server.log") as url:
         for name, prompts in sets.items():
-            if name in args.skip:
-                continue
             file = evalsets.write_jsonl(prompts, args.out / name / "prompts.jsonl")
             subprocess.run(
                 [sys.executable, "-m", "patches.cli", "eval", "--url", url,
