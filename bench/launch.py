@@ -21,11 +21,18 @@ from patches.signing import generate_keypair, load_private_key
 START_TIMEOUT_S = 600
 
 
-def prepare_root(root: Path, tenants: list[dict], *, signer: str | None = None) -> Ed25519PrivateKey | None:
-    """Lay out a server's files under ``root``: ``tenants.yaml``, ``patches/``, and, with ``signer``, a fresh
-    key pair whose public key is the only one in ``trust/`` (the private key is returned)."""
+def prepare_root(
+    root: Path, tenants: list[dict], *, signer: str | None = None, trust_from: Path | None = None
+) -> Ed25519PrivateKey | None:
+    """Lay out a server's files under ``root``: ``tenants.yaml``, ``patches/``, and ``trust/`` holding the
+    public keys of ``trust_from`` (e.g. the demo key the shipped patch is signed with) and, with ``signer``,
+    of a fresh key pair (whose private key is returned)."""
     (root / "patches").mkdir(parents=True, exist_ok=True)
     (root / "tenants.yaml").write_text(yaml.safe_dump({"tenants": tenants}))
+    if trust_from is not None:
+        (root / "trust").mkdir(exist_ok=True)
+        for pub in trust_from.glob("*.pub"):
+            (root / "trust" / pub.name).write_bytes(pub.read_bytes())
     if signer is None:
         return None
     private, public = generate_keypair(root / "keys", signer)

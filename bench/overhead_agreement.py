@@ -65,10 +65,7 @@ def _counters(url: str) -> dict[str, float]:
 
 
 def _server(root: Path, model_dir: Path, rate: float, eager: bool) -> dict[str, str]:
-    prepare_root(root, TENANTS)
-    (root / "trust").mkdir(exist_ok=True)
-    for pub in DEMO_TRUST.glob("*.pub"):
-        shutil.copy(pub, root / "trust" / pub.name)
+    prepare_root(root, TENANTS, trust_from=DEMO_TRUST)
     shutil.copy(SHIPPED_PATCH, root / "patches" / SHIPPED_PATCH.name)
     return server_env(root, model_dir, overhead_sample_rate=rate, enforce_eager=str(eager).lower(), log_level="warning")
 

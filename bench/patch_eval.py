@@ -60,8 +60,7 @@ def main() -> None:
         tenant = f"{meta.name}-v{meta.version}"
         tenants.append({"id": tenant, "default_stack": [meta.ref], "allowed_patches": [meta.name]})
         variants.append(f"{meta.ref}:{tenant}")
-    prepare_root(root, tenants)
-    shutil.copytree(args.trust, root / "trust")
+    prepare_root(root, tenants, trust_from=args.trust)
     for path, tenant in zip(args.patch or [SHIPPED_PATCH], tenants[1:], strict=True):
         shutil.copy(path, root / "patches" / f"{tenant['id']}.safetensors")
     env = server_env(root, prepare_default_model(), log_level="warning")

@@ -22,6 +22,7 @@ from bench.alternatives import LORA_NAME
 from bench.launch import prepare_root, running_vllm_server, server_env
 from bench.loadgen import Call
 from bench.segments import log
+from bench.swap_latency import ADMIN_TOKEN
 from bench.workload import Options
 from patches.demo import text_patch
 from patches.evaluate import SAFETY_SYSTEM_PROMPT
@@ -40,7 +41,6 @@ def _shipped_patch(directory: Path = REPO / "deploy/demo/patches") -> Path:
 
 SHIPPED_PATCH = _shipped_patch()
 DEMO_TRUST = REPO / "deploy/demo/trust"
-ADMIN_TOKEN = "bench-admin-token-0123456789"
 MODEL_ID = "base"
 PATCHSERVE_VARIANTS = ("bare", "patch", "stack2", "text_prompt")
 TENANT_OF = {"bare": "bench-bare", "patch": "bench-patch", "stack2": "bench-stack2", "text_prompt": "bench-bare"}
@@ -89,10 +89,8 @@ def tenants_file(opts: Options) -> list[dict]:
 
 def prepare_patchserve(opts: Options, root: Path, model_dir: Path) -> tuple[dict[str, str], Ed25519PrivateKey]:
     """The bench server's files under ``root`` (tenants, the shipped patch, ``guard``, ``hot``); its env and key."""
-    key = prepare_root(root, tenants_file(opts), signer="bench")
+    key = prepare_root(root, tenants_file(opts), signer="bench", trust_from=DEMO_TRUST)  # the shipped patch's key
     assert key is not None
-    for pub in DEMO_TRUST.glob("*.pub"):  # the shipped patch is signed with the demo key
-        shutil.copy(pub, root / "trust" / pub.name)
     patch_dir = root / "patches"
     shutil.copy(SHIPPED_PATCH, patch_dir / SHIPPED_PATCH.name)
     guard = text_patch(model_dir, "guard", text=GUARD_TEXT, n_tokens=50, key=key)
