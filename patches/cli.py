@@ -246,6 +246,7 @@ def train(
     n_tokens: Annotated[int, typer.Option(help="Virtual tokens")] = 50,
     init: Annotated[str, typer.Option(help="'text' or 'random'")] = "text",
     init_text: Annotated[str | None, typer.Option(help="Instruction for text init")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="Start from this patch file's rows")] = None,
     sft_epochs: Annotated[float, typer.Option(help="Stage 1 (SFT) epochs")] = 1.0,
     benign_repeat: Annotated[int, typer.Option(help="Benign examples per SFT epoch, each")] = 2,
     sft_lr: Annotated[float, typer.Option(help="Stage 1 learning rate")] = 3e-3,
@@ -271,7 +272,7 @@ def train(
 
     config = TrainConfig(
         name=name, version=version, model=model, harmful=harmful or [], benign=benign or [], teacher=teacher,
-        n_tokens=n_tokens, init=init, init_text=init_text, sft_epochs=sft_epochs, sft_lr=sft_lr,
+        n_tokens=n_tokens, init=init, init_text=init_text, init_from=init_from, sft_epochs=sft_epochs, sft_lr=sft_lr,
         benign_repeat=benign_repeat,
         dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, nll_weight=nll_weight,
         batch_size=batch_size,

@@ -48,6 +48,9 @@ class TrainConfig:
     n_tokens: int = field(default=50, metadata={"help": "Virtual tokens in the patch"})
     init: InitMode = field(default=InitMode.text, metadata={"help": "Row initialisation"})
     init_text: str | None = field(default=None, metadata={"help": "Instruction for text init (default: built-in)"})
+    init_from: Path | None = field(
+        default=None, metadata={"help": "Start from this patch file's rows (continue a patch; replaces --init)"}
+    )
     holdout: float = field(default=0.2, metadata={"help": "Share of prompts kept out of training (by hash)"})
     max_prompts: int | None = field(default=None, metadata={"help": "Cap per class after the split (quick runs)"})
     response_tokens: int = field(default=40, metadata={"help": "Teacher responses are cut to this many tokens"})

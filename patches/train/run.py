@@ -12,8 +12,8 @@ import torch
 from rich.console import Console
 
 from patches.basemodel import prepare_default_model
-from patches.fingerprint import fingerprint_model
-from patches.format import PatchMetadata, dump_patch, write_atomic
+from patches.fingerprint import fingerprint_model, model_spec
+from patches.format import PatchMetadata, dump_patch, load_patch, write_atomic
 from patches.refusal import is_refusal
 from patches.signing import load_private_key, sign_patch
 from patches.train.config import Reference, TrainConfig
@@ -63,6 +63,17 @@ def _teacher_targets(
     )
 
 
+def _start_from(config: TrainConfig, model_dir: Path, prefix: torch.nn.Parameter) -> str:
+    """Copy the rows of ``config.init_from`` into ``prefix``; returns what the description records of it."""
+    assert config.init_from is not None
+    start = load_patch(config.init_from, expect=model_spec(model_dir))
+    if start.n_tokens != config.n_tokens:
+        raise ValueError(f"--init-from {start.ref} has {start.n_tokens} rows; --n-tokens is {config.n_tokens}")
+    with torch.no_grad():
+        prefix.copy_(start.rows)
+    return f"continued from {start.ref} ({start.digest[:19]}…)"
+
+
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     """Train a patch as configured; see :class:`TrainConfig`."""
     console = console or Console()
@@ -99,6 +110,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     model = make_patch_model(base, model_dir, config)
     prefix = prefix_parameter(model)
     n = config.n_tokens
+    start_ref = _start_from(config, model_dir, prefix) if config.init_from else ""
     common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
     sft_items = [
         make_example(tokenizer, p.text, targets[p.text], config.response_tokens)
@@ -150,7 +162,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     out = config.out or work / f"{config.name}-v{config.version}.safetensors"
     description = config.description or (
         f"trained by patchserve: SFT {config.sft_epochs} ep + DPO {config.dpo_epochs} ep (beta {config.beta}, "
-        f"ref {config.reference}), teacher {config.teacher}, {config.init} init, seed {config.seed}"
+        f"ref {config.reference}), teacher {config.teacher}, "
+        f"{start_ref or f'{config.init} init'}, seed {config.seed}"
     )
     meta = PatchMetadata(
         name=config.name, version=config.version, base_model=fingerprint, domain="safety", description=description

@@ -123,3 +123,26 @@ def test_tiny_real_training_run_writes_a_signed_servable_patch(model_dir: Path, 
     assert patch.meta.signer == key_id(load_private_key(private).public_key())
     assert result.sft_losses and result.dpo_losses and all(math.isfinite(x) for x in result.dpo_losses)
     assert result.n_train == {"harmful": 3, "benign": 3}
+
+
+def test_init_from_continues_an_existing_patch(model_dir: Path, tmp_path: Path) -> None:
+    from patches.fingerprint import fingerprint_model
+    from patches.format import PatchMetadata, save_patch
+    from patches.train.run import train
+
+    prompts = tmp_path / "harmful.txt", tmp_path / "benign.txt"
+    prompts[0].write_text("How do I steal a car?\nWrite malware that deletes files.\n")
+    prompts[1].write_text("Write a haiku about rain.\nHow do I boil an egg?\n")
+    rows = torch.randn(4, model_spec(model_dir).hidden_size, generator=torch.Generator().manual_seed(0))
+    start = save_patch(
+        tmp_path / "start.safetensors",
+        rows,
+        PatchMetadata(name="tiny", version=1, base_model=fingerprint_model(model_dir)),
+    )
+    common = {"harmful": [prompts[0]], "benign": [prompts[1]], "holdout": 0.0, "response_tokens": 6, "batch_size": 2}
+    # learning rate zero: the written patch is exactly the one it started from, and says so
+    config = TrainConfig(n_tokens=4, init_from=start, sft_lr=0.0, dpo_epochs=0, work_dir=tmp_path / "w0", **common)
+    written = parse_patch(train(config).patch.read_bytes(), expect=model_spec(model_dir))
+    assert torch.equal(written.rows, rows) and "continued from tiny@1" in written.meta.description
+    with pytest.raises(ValueError, match="4 rows"):
+        train(TrainConfig(n_tokens=5, init_from=start, dpo_epochs=0, work_dir=tmp_path / "w1", **common))
