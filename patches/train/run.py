@@ -63,12 +63,11 @@ def _teacher_targets(
     )
 
 
-def _start_from(config: TrainConfig, model_dir: Path, prefix: torch.nn.Parameter) -> str:
-    """Copy the rows of ``config.init_from`` into ``prefix``; returns what the description records of it."""
-    assert config.init_from is not None
-    start = load_patch(config.init_from, expect=model_spec(model_dir))
-    if start.n_tokens != config.n_tokens:
-        raise ValueError(f"--init-from {start.ref} has {start.n_tokens} rows; --n-tokens is {config.n_tokens}")
+def _start_from(path: Path, model_dir: Path, prefix: torch.nn.Parameter) -> str:
+    """Copy the rows of the patch at ``path`` into ``prefix``; returns what the description records of it."""
+    start = load_patch(path, expect=model_spec(model_dir))
+    if start.n_tokens != prefix.shape[0]:
+        raise ValueError(f"--init-from {start.ref} has {start.n_tokens} rows; --n-tokens is {prefix.shape[0]}")
     with torch.no_grad():
         prefix.copy_(start.rows)
     return f"continued from {start.ref} ({start.digest[:19]}…)"
@@ -110,7 +109,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     model = make_patch_model(base, model_dir, config)
     prefix = prefix_parameter(model)
     n = config.n_tokens
-    start_ref = _start_from(config, model_dir, prefix) if config.init_from else ""
+    start_ref = _start_from(config.init_from, model_dir, prefix) if config.init_from else ""
     common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
     sft_items = [
         make_example(tokenizer, p.text, targets[p.text], config.response_tokens)
