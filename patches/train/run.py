@@ -13,7 +13,7 @@ from rich.console import Console
 
 from patches.basemodel import prepare_default_model
 from patches.fingerprint import fingerprint_model, model_spec
-from patches.format import PatchMetadata, dump_patch, load_patch, write_atomic
+from patches.format import Patch, PatchMetadata, dump_patch, load_patch, write_atomic
 from patches.refusal import is_refusal
 from patches.signing import load_private_key, sign_patch
 from patches.train.config import Reference, TrainConfig
@@ -63,14 +63,12 @@ def _teacher_targets(
     )
 
 
-def _start_from(path: Path, model_dir: Path, prefix: torch.nn.Parameter) -> str:
-    """Copy the rows of the patch at ``path`` into ``prefix``; returns what the description records of it."""
+def _starting_patch(path: Path, model_dir: Path, n_tokens: int) -> Patch:
+    """The patch ``--init-from`` names, checked for this model and row count before any work is done."""
     start = load_patch(path, expect=model_spec(model_dir))
-    if start.n_tokens != prefix.shape[0]:
-        raise ValueError(f"--init-from {start.ref} has {start.n_tokens} rows; --n-tokens is {prefix.shape[0]}")
-    with torch.no_grad():
-        prefix.copy_(start.rows)
-    return f"continued from {start.ref} ({start.digest[:19]}…)"
+    if start.n_tokens != n_tokens:
+        raise ValueError(f"--init-from {start.ref} has {start.n_tokens} rows; --n-tokens is {n_tokens}")
+    return start
 
 
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
@@ -84,6 +82,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = config.model or prepare_default_model()
     fingerprint = fingerprint_model(model_dir)
+    start = _starting_patch(config.init_from, model_dir, config.n_tokens) if config.init_from else None
     train_prompts, heldout = load_split(config.harmful, config.benign, config.holdout)
     heldout_paths = write_heldout(heldout, work)
     prompts = _cap(train_prompts, config.max_prompts, config.seed)
@@ -109,7 +108,9 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     model = make_patch_model(base, model_dir, config)
     prefix = prefix_parameter(model)
     n = config.n_tokens
-    start_ref = _start_from(config.init_from, model_dir, prefix) if config.init_from else ""
+    if start is not None:
+        with torch.no_grad():
+            prefix.copy_(start.rows)
     common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
     sft_items = [
         make_example(tokenizer, p.text, targets[p.text], config.response_tokens)
@@ -162,7 +163,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     description = config.description or (
         f"trained by patchserve: SFT {config.sft_epochs} ep + DPO {config.dpo_epochs} ep (beta {config.beta}, "
         f"ref {config.reference}), teacher {config.teacher}, "
-        f"{start_ref or f'{config.init} init'}, seed {config.seed}"
+        f"{f'continued from {start.ref} ({start.digest[:19]}…)' if start else f'{config.init} init'}, "
+        f"seed {config.seed}"
     )
     meta = PatchMetadata(
         name=config.name, version=config.version, base_model=fingerprint, domain="safety", description=description
