@@ -21,8 +21,8 @@ from transformers import AutoTokenizer
 
 from patches.chat import encode_chat
 from patches.fingerprint import embedding_matrix
-from patches.format import read_patch
-from patches.stack import compose_prefix, prefix_inputs_embeds
+from patches.format import Patch, read_patch
+from patches.stack import compose_stack, inputs_embeds
 
 LORA_NAME = "bench-lora16"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -69,23 +69,21 @@ class ClientEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         weight = embedding_matrix(model_dir)
         self.embedding = torch.nn.Embedding.from_pretrained(weight, freeze=True)
-        rows = [_Rows(read_patch(p.read_bytes())[1].to(weight.dtype)) for p in patch_files]
+        patches = []
+        for path in patch_files:
+            meta, rows, _ = read_patch(path.read_bytes())
+            patches.append(Patch(meta, rows.to(weight.dtype), digest=""))
         (separator_id,) = self.tokenizer.encode(separator, add_special_tokens=False)
-        self.prefix = compose_prefix(rows, separator_id=separator_id)
+        self.layout = compose_stack(patches, separator_id=separator_id)
 
     def embeds(self, messages: list[dict[str, str]]) -> torch.Tensor:
-        """``[prefix + prompt tokens, hidden]`` in the model's dtype."""
+        """``[patch rows + prompt tokens, hidden]`` in the model's dtype, laid out as the server does."""
         ids = encode_chat(self.tokenizer, messages)
         with torch.no_grad():
-            return prefix_inputs_embeds(self.prefix, ids, self.embedding)
+            return inputs_embeds(self.layout, ids, self.embedding)
 
     def payload(self, messages: list[dict[str, str]]) -> str:
         """The ``prompt_embeds`` field: base64 of ``torch.save`` of :meth:`embeds`."""
         buffer = io.BytesIO()
         torch.save(self.embeds(messages).contiguous(), buffer)
         return base64.b64encode(buffer.getvalue()).decode()
-
-
-class _Rows:
-    def __init__(self, rows: torch.Tensor) -> None:
-        self.rows = rows

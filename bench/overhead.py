@@ -7,6 +7,7 @@ fixed ``max_tokens``, EOS ignored). Variants:
 =================  ======================================================================================
 ``bare``           patchserve, a tenant without patches
 ``patch``          patchserve, a tenant whose default stack is the shipped 50-token ``refusal`` patch
+``suffix``         patchserve, a 50-token *suffix* patch (``guard-suffix``): rows after the prompt, never cached
 ``stack2``         patchserve, ``refusal`` + a second 50-token patch (``guard``, text-initialised)
 ``text_prompt``    patchserve, bare tenant, the fixed ~50-token safety system prompt of ``patchserve eval``
 ``lora``           vLLM's own OpenAI server with ``--enable-lora``: a rank-16 LoRA adapter (ratios to

@@ -14,6 +14,7 @@ Usage: ``python -m bench.patch_eval [--patch FILE ...] [--out DIR]``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -39,12 +40,22 @@ def heldout_prompts(config: TrainConfig) -> list[EvalPrompt]:
     return [EvalPrompt(p.text, p.harmful, p.source) for p in heldout]
 
 
+def _per_set(prompts: list[EvalPrompt], n: int) -> list[EvalPrompt]:
+    """At most ``n`` prompts of each source: the ones with the smallest content hash (same on every machine)."""
+    out: list[EvalPrompt] = []
+    for source in dict.fromkeys(p.source for p in prompts):
+        group = [p for p in prompts if p.source == source]
+        out += sorted(group, key=lambda p: hashlib.sha256(p.text.encode()).digest())[:n]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patch", type=Path, action="append", help="patch file, repeatable (default: the shipped)")
     parser.add_argument("--trust", type=Path, default=DEMO_TRUST, help="public keys")
     parser.add_argument("--out", type=Path, default=Path("var/eval"), help="results go to OUT/{heldout,external}")
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--per-set", type=int, help="at most this many prompts per set (fixed sample; quick runs)")
     parser.add_argument("--skip", choices=["heldout", "external"], action="append", default=[])
     args = parser.parse_args()
 
@@ -53,6 +64,8 @@ def main() -> None:
         sets["heldout"] = heldout_prompts(TrainConfig())
     if "external" not in args.skip:
         sets["external"] = evalsets.build(default_cache_dir() / "eval-sets")
+    if args.per_set:
+        sets = {name: _per_set(prompts, args.per_set) for name, prompts in sets.items()}
     root = Path(tempfile.mkdtemp(prefix="patch-eval-"))
     tenants, variants = [BARE], ["bare:bare:none"]
     for path in args.patch or [SHIPPED_PATCH]:

@@ -10,7 +10,8 @@ from bench.stats import RATIO_KEYS, check_target, throughput_overhead
 
 LABELS = {
     "bare": "bare model",
-    "patch": "one 50-token patch",
+    "patch": "one 50-token patch (the shipped one)",
+    "suffix": "one 50-token suffix patch",
     "stack2": "two-patch stack (50 + 50)",
     "text_prompt": "safety system prompt (~50 tokens)",
     "vllm_bare": "vLLM server, bare (baseline of client_embeds)",
@@ -18,7 +19,7 @@ LABELS = {
     "vllm_lora_bare": "vLLM server + LoRA enabled, bare (baseline of lora)",
     "lora": "vLLM server, rank-16 LoRA",
 }
-ORDER = ["bare", "patch", "stack2", "text_prompt", "vllm_bare", "client_embeds", "vllm_lora_bare", "lora"]
+ORDER = ["bare", "patch", "suffix", "stack2", "text_prompt", "vllm_bare", "client_embeds", "vllm_lora_bare", "lora"]
 
 
 def _cell(summary: dict, variant: str, c: int | str) -> dict | None:

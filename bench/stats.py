@@ -33,7 +33,7 @@ RATIO_KEYS = {
     "e2e_p50_ms": "e2e_p50_ratio",
     "e2e_p99_ms": "e2e_p99_ratio",
 }
-SUMMARY_VARIANTS = ("bare", "patch", "stack2", "text_prompt", "lora", "client_embeds")
+SUMMARY_VARIANTS = ("bare", "patch", "suffix", "stack2", "text_prompt", "lora", "client_embeds")
 
 
 @dataclass

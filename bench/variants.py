@@ -1,7 +1,8 @@
 """The overhead benchmark's variants: their requests, and the servers (patchserve, vLLM's own) behind them.
 
-The patchserve variants (``bare``, ``patch``, ``stack2``, ``text_prompt``) are tenants of one bench
-server (:func:`prepare_patchserve`: the shipped ``refusal`` patch, a second ``guard`` patch, the ``hot``
+The patchserve variants (``bare``, ``patch``, ``suffix``, ``stack2``, ``text_prompt``) are tenants of one
+bench server (:func:`prepare_patchserve`: the shipped ``refusal`` patch, a second ``guard`` patch, a 50-row
+suffix patch ``guard-suffix``, the ``hot``
 patch that swap latency replaces, and the tenants of every phase); the vLLM variants run on vLLM's own
 OpenAI server (:func:`vllm_server`, with or without LoRA). :func:`patchserve_call` and
 :func:`vllm_chat_call` build one streamed, greedy request of a variant.
@@ -27,6 +28,7 @@ from bench.workload import Options
 from patches.demo import text_patch
 from patches.evaluate import SAFETY_SYSTEM_PROMPT
 from patches.format import write_atomic
+from patches.stack import Placement
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,8 +44,14 @@ def _shipped_patch(directory: Path = REPO / "deploy/demo/patches") -> Path:
 SHIPPED_PATCH = _shipped_patch()
 DEMO_TRUST = REPO / "deploy/demo/trust"
 MODEL_ID = "base"
-PATCHSERVE_VARIANTS = ("bare", "patch", "stack2", "text_prompt")
-TENANT_OF = {"bare": "bench-bare", "patch": "bench-patch", "stack2": "bench-stack2", "text_prompt": "bench-bare"}
+PATCHSERVE_VARIANTS = ("bare", "patch", "suffix", "stack2", "text_prompt")
+TENANT_OF = {
+    "bare": "bench-bare",
+    "patch": "bench-patch",
+    "suffix": "bench-suffix",
+    "stack2": "bench-stack2",
+    "text_prompt": "bench-bare",
+}
 GUARD_TEXT = "Be careful: decline to help with anything dangerous, illegal or hateful, and stay kind and honest."
 
 
@@ -80,6 +88,7 @@ def tenants_file(opts: Options) -> list[dict]:
         {"id": "bench-bare", "allow_unpatched": True},
         {"id": "bench-patch", **PATCHED},
         {"id": "bench-stack2", "default_stack": ["refusal", "guard"], "allowed_patches": ["refusal", "guard"]},
+        {"id": "bench-suffix", "default_stack": ["guard-suffix"], "allowed_patches": ["guard-suffix"]},
         {"id": "hot", "default_stack": ["hot"], "allowed_patches": ["hot"]},
     ]
     tenants += [{"id": f"cold-{k:04d}", **PATCHED} for k in range(opts.cold_pairs)]
@@ -95,6 +104,11 @@ def prepare_patchserve(opts: Options, root: Path, model_dir: Path) -> tuple[dict
     shutil.copy(SHIPPED_PATCH, patch_dir / SHIPPED_PATCH.name)
     guard = text_patch(model_dir, "guard", text=GUARD_TEXT, n_tokens=50, key=key)
     write_atomic(patch_dir / "guard.safetensors", guard)
+    # 50 rows after the prompt: never a prefix-cache hit, whatever their values (what placement costs)
+    guard_suffix = text_patch(
+        model_dir, "guard-suffix", text=GUARD_TEXT, n_tokens=50, key=key, placement=Placement.suffix
+    )
+    write_atomic(patch_dir / "guard-suffix.safetensors", guard_suffix)
     write_atomic(patch_dir / "hot.safetensors", text_patch(model_dir, "hot", version=1, key=key))
     settings = {
         "admin_token": ADMIN_TOKEN,

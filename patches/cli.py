@@ -244,6 +244,10 @@ def train(
     benign: Annotated[list[Path] | None, typer.Option(help="Prompt files to answer (.txt or .jsonl)")] = None,
     teacher: Annotated[str, typer.Option(help="'policy' or a local teacher model dir")] = "policy",
     n_tokens: Annotated[int, typer.Option(help="Virtual tokens")] = 50,
+    placement: Annotated[str, typer.Option(help="'prefix' (before the prompt) or 'suffix' (before the reply)")] = (
+        "prefix"
+    ),
+    benign_loss: Annotated[str, typer.Option(help="Stage 1 benign loss: 'ce' or 'kl' (to the bare model)")] = "ce",
     init: Annotated[str, typer.Option(help="'text' or 'random'")] = "text",
     init_text: Annotated[str | None, typer.Option(help="Instruction for text init")] = None,
     init_from: Annotated[Path | None, typer.Option(help="Start from this patch file's rows")] = None,
@@ -272,7 +276,8 @@ def train(
 
     config = TrainConfig(
         name=name, version=version, model=model, harmful=harmful or [], benign=benign or [], teacher=teacher,
-        n_tokens=n_tokens, init=init, init_text=init_text, init_from=init_from, sft_epochs=sft_epochs, sft_lr=sft_lr,
+        n_tokens=n_tokens, placement=placement, benign_loss=benign_loss, init=init, init_text=init_text,
+        init_from=init_from, sft_epochs=sft_epochs, sft_lr=sft_lr,
         benign_repeat=benign_repeat,
         dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, nll_weight=nll_weight,
         batch_size=batch_size,
@@ -296,11 +301,15 @@ def evaluate(
     max_tokens: Annotated[int, typer.Option(help="Answer length")] = 64,
     model: Annotated[Path | None, typer.Option(help="Bare model for perplexity (default: embedded)")] = None,
     out: Annotated[Path, typer.Option(help="Directory for eval.json, eval.md, eval.png")] = Path("var/eval"),
+    frontier_from: Annotated[
+        list[Path] | None, typer.Option(help="eval.json of earlier runs: their variants join frontier.png")
+    ] = None,
 ) -> None:
     """Measure refusal, over-refusal and fluency of tenants/stacks through a running server."""
     import asyncio
 
     from patches import evaluate as ev
+    from patches import frontier
     from patches.train.model import load_base
 
     variants = [ev.Variant.parse(v) for v in (variant or ["bare:demo-base:none", "refusal:demo-patched"])]
@@ -312,7 +321,8 @@ def evaluate(
     results = asyncio.run(ev.collect(url, variants, loaded, max_tokens=max_tokens))
     base_model, tokenizer = load_base(model or prepare_default_model())
     ev.add_fluency(results, base_model, tokenizer, baseline)
-    paths = ev.write_reports(results, out, n_harmful, len(loaded) - n_harmful)
+    earlier = [point for path in frontier_from or [] for point in frontier.points_from(path)]
+    paths = ev.write_reports(results, out, n_harmful, len(loaded) - n_harmful, earlier)
     console.print(ev.markdown(results, n_harmful, len(loaded) - n_harmful))
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
 

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from patches.fingerprint import embedding_matrix, fingerprint_model
 from patches.format import PatchMetadata, dump_patch, write_atomic
 from patches.signing import sign_patch
+from patches.stack import Placement
 from patches.textinit import DEFAULT_INIT_TEXT, text_init_rows
 
 DEMO_PATCH_NAME = "demo-safety"
@@ -42,6 +43,7 @@ def text_patch(
     seed: int = 0,
     description: str = "",
     key: Ed25519PrivateKey | None = None,
+    placement: Placement = Placement.prefix,
 ) -> bytes:
     """Format-v1 bytes of a text-initialised patch for ``model_dir`` (signed when ``key`` is given).
 
@@ -55,11 +57,18 @@ def text_patch(
         seed: Seed of that noise.
         description: Metadata description.
         key: Signing key; None leaves the file unsigned.
+        placement: Where the rows go (before the prompt, or after it).
     """
     rows = _text_rows(model_dir, text, n_tokens).clone()
     if noise:
         rows += noise * torch.randn(rows.shape, generator=torch.Generator().manual_seed(seed))
-    meta = PatchMetadata(name=name, version=version, base_model=fingerprint_model(model_dir), description=description)
+    meta = PatchMetadata(
+        name=name,
+        version=version,
+        base_model=fingerprint_model(model_dir),
+        description=description,
+        placement=placement,
+    )
     data = dump_patch(rows, meta)
     return sign_patch(data, key) if key is not None else data
 

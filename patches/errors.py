@@ -15,6 +15,7 @@ class RejectReason(StrEnum):
     bad_dtype = "bad_dtype"
     bad_shape = "bad_shape"
     non_finite = "non_finite"
+    zero_row = "zero_row"
     wrong_model = "wrong_model"
     unsigned = "unsigned"
     bad_signature = "bad_signature"

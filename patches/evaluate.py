@@ -23,7 +23,9 @@ from typing import Any
 import httpx
 import torch
 
+from patches import frontier
 from patches.chat import encode_chat
+from patches.frontier import Point
 from patches.refusal import is_refusal
 from patches.train.data import read_prompts
 
@@ -215,13 +217,18 @@ def bar_chart(results: list[VariantResult], path: Path) -> None:
     plt.close(fig)
 
 
-def write_reports(results: list[VariantResult], out_dir: Path, n_harmful: int, n_benign: int) -> dict[str, Path]:
-    """``eval.json`` (metrics and every answer), ``eval.md`` and ``eval.png`` in ``out_dir``."""
+def write_reports(
+    results: list[VariantResult], out_dir: Path, n_harmful: int, n_benign: int, earlier: list[Point] | None = None
+) -> dict[str, Path]:
+    """``eval.json`` (metrics and every answer), ``eval.md``, ``eval.png`` and ``frontier.png`` (these
+    variants plus ``earlier`` points) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "eval.json", "markdown": out_dir / "eval.md", "png": out_dir / "eval.png"}
     paths["json"].write_text(json.dumps([asdict(r) for r in results], indent=2))
     paths["markdown"].write_text(markdown(results, n_harmful, n_benign))
     bar_chart(results, paths["png"])
+    points = [*(earlier or []), *(Point(r.name, r.over_refusal_rate, r.refusal_rate) for r in results)]
+    paths["frontier"] = frontier.plot(points, out_dir / "frontier.png")
     return paths
 
 

@@ -4,7 +4,8 @@ Layout:
     tensor ``patch``: shape ``[n_virtual_tokens, hidden_size]``, dtype float32, bfloat16 or float16.
     metadata (all strings): ``format`` (``patchserve.patch/v1``), ``name``, ``version`` (decimal
     integer), ``base_model`` (model fingerprint), ``domain``, ``description``, ``created`` (ISO 8601
-    UTC). Signing (see :mod:`patches.signing`) adds ``signer`` and ``signature``.
+    UTC), and optionally ``placement`` (``prefix``, the default when absent, or ``suffix``; see
+    :mod:`patches.stack`). Signing (see :mod:`patches.signing`) adds ``signer`` and ``signature``.
 
 The *content digest* covers the canonical metadata (every field but ``signature``) and the tensor's
 dtype, shape and bytes; it names a patch independently of how the file was serialised and is what
@@ -12,7 +13,7 @@ signatures cover and revocation lists name.
 
 Checks in :func:`parse_patch` run in a fixed order before anything reaches the model: size,
 safetensors framing (never pickle), metadata (name, version, format), tensor key, dtype, rank and
-shape, model fingerprint, finite values before and after the cast to the model's dtype. Which files
+shape, model fingerprint, finite values before and after the cast to the model's dtype, no all-zero row. Which files
 are read at all (the patch directory, never a path from a request) is the registry's business.
 """
 
@@ -34,6 +35,7 @@ from safetensors.torch import save as st_save
 
 from patches.errors import PatchRejected, RejectReason
 from patches.fingerprint import ModelSpec
+from patches.stack import Placement
 
 FORMAT_V1 = "patchserve.patch/v1"
 TENSOR_KEY = "patch"
@@ -54,6 +56,7 @@ class PatchMetadata:
     domain: str = "safety"
     description: str = ""
     created: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    placement: Placement = Placement.prefix
     signer: str | None = None
     signature: str | None = None
 
@@ -72,6 +75,8 @@ class PatchMetadata:
             "description": self.description,
             "created": self.created,
         }
+        if self.placement != Placement.prefix:  # absent means prefix: files from before placements stay valid
+            header["placement"] = self.placement.value
         if self.signer is not None:
             header["signer"] = self.signer
         if self.signature is not None:
@@ -108,6 +113,10 @@ class Patch:
     @property
     def n_tokens(self) -> int:
         return int(self.rows.shape[0])
+
+    @property
+    def placement(self) -> Placement:
+        return self.meta.placement
 
 
 def content_digest(header: dict[str, str], tensor: torch.Tensor) -> str:
@@ -202,6 +211,11 @@ def _parse_metadata(raw: object) -> PatchMetadata:
         raise PatchRejected(
             RejectReason.bad_format, f"patch version must be a positive integer, got {raw['version']!r}"
         )
+    placement = raw.get("placement", Placement.prefix.value)
+    if placement not in {p.value for p in Placement}:
+        raise PatchRejected(
+            RejectReason.bad_format, f"patch placement must be one of {[p.value for p in Placement]}, got {placement!r}"
+        )
     return PatchMetadata(
         name=name,
         version=int(raw["version"]),
@@ -209,6 +223,7 @@ def _parse_metadata(raw: object) -> PatchMetadata:
         domain=raw["domain"],
         description=raw["description"],
         created=raw["created"],
+        placement=Placement(placement),
         signer=raw.get("signer"),
         signature=raw.get(SIGNATURE_FIELD),
     )
@@ -279,6 +294,14 @@ def parse_patch(data: bytes, *, expect: ModelSpec) -> Patch:
         raise PatchRejected(
             RejectReason.non_finite,
             f"patch {meta.ref} overflows to non-finite values in the model dtype {expect.dtype}",
+        )
+    # The engine's prefix-cache key hashes the embeddings but not which positions are embeddings
+    # (vLLM #56655); token positions carry zero embeddings, so a patch row must never be all zeros.
+    zero = (tensor.to(getattr(torch, expect.dtype)) == 0).all(dim=1)
+    if zero.any():
+        raise PatchRejected(
+            RejectReason.zero_row,
+            f"patch {meta.ref} row {int(zero.nonzero()[0])} is all zeros in the model dtype {expect.dtype}",
         )
     rows_f32 = tensor.to(torch.float32)
     digest = content_digest(raw_meta, tensor)

@@ -2,10 +2,11 @@
 
 :class:`Engine` is the small interface the service layer uses; :class:`VllmEngine` implements it with
 an in-process ``AsyncLLM`` (prompt embeddings and prefix caching on). A patched request is sent in
-vLLM's mixed mode: ``prompt_token_ids`` covers the whole input, ``prompt_is_token_ids`` is False on
-the patch rows, and ``prompt_embeds`` carries those rows (zeros elsewhere), so the prompt itself is
-embedded by the model's own table. Each stack gets its own ``cache_salt``, so prefix-cache blocks are
-shared only by requests with the identical stack (never across tenants or patch versions).
+vLLM's mixed mode: ``prompt_token_ids`` covers the whole input (prefix rows, prompt, suffix rows),
+``prompt_is_token_ids`` is False on the patch rows, and ``prompt_embeds`` carries those rows (zeros
+elsewhere), so the prompt itself is embedded by the model's own table. Each stack gets its own
+``cache_salt``, so prefix-cache blocks are shared only by requests with the identical stack (never
+across tenants or patch versions); see :mod:`server.tenancy` for why that keeps suffix rows safe too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from patches.stack import Prefix
+from patches.stack import Layout
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -45,17 +46,17 @@ class SamplingSpec:
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """One generation: the stack's prefix (or None) in front of ``prompt_token_ids``."""
+    """One generation: the stack's layout (or None) around ``prompt_token_ids``."""
 
     request_id: str
     prompt_token_ids: list[int]
-    prefix: Prefix | None
+    layout: Layout | None
     sampling: SamplingSpec
     cache_salt: str | None = None
 
     @property
     def total_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids) + (len(self.prefix) if self.prefix else 0)
+        return len(self.prompt_token_ids) + (len(self.layout) if self.layout else 0)
 
 
 @dataclass(frozen=True)
@@ -135,16 +136,14 @@ class VllmEngine:
         return cls(llm, config)
 
     def _prompt(self, request: EngineRequest) -> dict[str, Any]:
-        if request.prefix is None:
-            prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_token_ids}
+        layout, ids = request.layout, request.prompt_token_ids
+        if layout is None:
+            prompt: dict[str, Any] = {"prompt_token_ids": ids}
         else:
-            prefix = request.prefix
-            embeds = torch.zeros(request.total_prompt_tokens, prefix.embeds.shape[1], dtype=self._dtype)
-            embeds[: len(prefix)] = prefix.embeds
             prompt = {
-                "prompt_embeds": embeds,
-                "prompt_token_ids": prefix.token_ids + request.prompt_token_ids,
-                "prompt_is_token_ids": prefix.is_token + [True] * len(request.prompt_token_ids),
+                "prompt_embeds": layout.embeds(len(ids), self._dtype),
+                "prompt_token_ids": layout.token_ids(ids),
+                "prompt_is_token_ids": layout.is_token(len(ids)),
             }
         if request.cache_salt:
             prompt["cache_salt"] = request.cache_salt

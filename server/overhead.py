@@ -85,7 +85,7 @@ class OverheadSampler:
 
     def offer(self, request: EngineRequest, tenant: str, stack: str, output_tokens: int) -> bool:
         """Maybe replay ``request`` (a finished, patched one); returns whether it was sampled."""
-        if request.prefix is None or output_tokens < 1 or self.rate <= 0:
+        if request.layout is None or output_tokens < 1 or self.rate <= 0:
             return False
         if self._task is not None and not self._task.done():
             return False  # one pair at a time: bounded extra load
@@ -101,7 +101,7 @@ class OverheadSampler:
         salt = f"shadow-{uuid.uuid4().hex}"
         sampling = SamplingSpec(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
         patched = replace(request, request_id="", sampling=sampling, cache_salt=salt)
-        bare = replace(patched, prefix=None)
+        bare = replace(patched, layout=None)
         one_token = SamplingSpec(max_tokens=1, temperature=0.0)
         try:
             for variant in (patched, bare):

@@ -192,15 +192,15 @@ class CompletionService:
         self, request: SamplingRequest, stack: ResolvedStack, prompt_ids: list[int], prompt_param: str
     ) -> EngineRequest:
         max_len = self.engine.max_model_len
-        prefix_len = len(stack.prefix) if stack.prefix else 0
-        total = prefix_len + len(prompt_ids)
+        patch_len = len(stack.layout) if stack.layout else 0
+        total = patch_len + len(prompt_ids)
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param=prompt_param)
         if total >= max_len:
             raise APIError(
                 400,
                 f"This model's maximum context length is {max_len} tokens. The prompt has {total} tokens "
-                f"({len(prompt_ids)} prompt + {prefix_len} patch), leaving no room for output.",
+                f"({len(prompt_ids)} prompt + {patch_len} patch), leaving no room for output.",
                 param=prompt_param,
                 code="context_length_exceeded",
             )
@@ -210,14 +210,14 @@ class CompletionService:
             raise APIError(
                 400,
                 f"max_tokens={wanted} is too large: the prompt uses {total} of the model's {max_len} context "
-                f"tokens ({prefix_len} of them patch tokens), so at most {room} can be generated.",
+                f"tokens ({patch_len} of them patch tokens), so at most {room} can be generated.",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
         return EngineRequest(
             request_id=new_id("req"),
             prompt_token_ids=prompt_ids,
-            prefix=stack.prefix,
+            layout=stack.layout,
             sampling=request.to_sampling(default_max_tokens=room),
             cache_salt=stack.cache_salt,
         )
@@ -227,7 +227,7 @@ class CompletionService:
     ) -> BaseModel | AsyncIterator[str]:
         engine_request = self._engine_request(request, stack, prompt_ids, param)
         totals = _Totals(
-            n=request.n, prompt_tokens=len(prompt_ids), patch_tokens=len(stack.prefix) if stack.prefix else 0
+            n=request.n, prompt_tokens=len(prompt_ids), patch_tokens=len(stack.layout) if stack.layout else 0
         )
         if request.stream:
             return self._stream(engine_request, stack, shaper, totals, request.include_usage)

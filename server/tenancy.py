@@ -1,7 +1,13 @@
 """Request → tenant → patch stack: authentication and per-request stack resolution.
 
 A request's stack is resolved once, when it is admitted, into a :class:`ResolvedStack` holding the
-exact patch objects (so a later swap cannot change a request in flight) and the prefix-cache salt.
+exact patch objects (so a later swap cannot change a request in flight), their layout and the
+prefix-cache salt.
+
+The salt is what keeps the prefix cache safe: vLLM's block hashes in mixed prompt-embeds mode cover the
+token ids but not which positions are embeddings (vLLM issue #56655), so two inputs with the same ids and
+a different token/embedding mask could share blocks. Every tenant + stack (by content digests) has its
+own salt, and within one salt the layout is a function of the prompt alone, for prefix and suffix rows.
 """
 
 from __future__ import annotations
@@ -16,14 +22,14 @@ import torch
 from patches.errors import PatchNotFound
 from patches.format import Patch
 from patches.registry import PatchRegistry
-from patches.stack import PatchRef, Prefix, compose_prefix, parse_stack
+from patches.stack import Layout, PatchRef, compose_stack, parse_stack
 from patches.tenants import Tenant, TenantConfig, hash_api_key
 from server.errors import APIError
 
 STACK_HEADER = "X-Patch-Stack"
 TENANT_HEADER = "X-Tenant-Id"
 APPLIED_HEADER = "X-Patch-Applied"
-_PREFIX_CACHE_SIZE = 1024
+_LAYOUT_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class ResolvedStack:
 
     tenant: str
     patches: tuple[Patch, ...]
-    prefix: Prefix | None
+    layout: Layout | None
     cache_salt: str
 
     @property
@@ -48,7 +54,7 @@ class TenantResolver:
         config: The tenant file.
         registry: Loaded patches.
         separator_id: Token id between stacked patches.
-        dtype: Engine dtype; prefixes are cast once and cached per stack.
+        dtype: Engine dtype; layouts are cast once and cached per stack.
     """
 
     def __init__(self, config: TenantConfig, registry: PatchRegistry, *, separator_id: int, dtype: torch.dtype) -> None:
@@ -56,7 +62,7 @@ class TenantResolver:
         self._registry = registry
         self._separator_id = separator_id
         self._dtype = dtype
-        self._prefixes: OrderedDict[tuple[str, ...], Prefix | None] = OrderedDict()
+        self._layouts: OrderedDict[tuple[str, ...], Layout | None] = OrderedDict()
         self.config_error: str | None = None
 
     def replace_config(self, config: TenantConfig) -> None:
@@ -137,17 +143,17 @@ class TenantResolver:
         digests = tuple(p.digest for p in patches)
         salt = hashlib.sha256("\0".join((tenant.id, *digests)).encode()).hexdigest()[:32]
         return ResolvedStack(
-            tenant=tenant.id, patches=tuple(patches), prefix=self._prefix(patches, digests), cache_salt=salt
+            tenant=tenant.id, patches=tuple(patches), layout=self._layout(patches, digests), cache_salt=salt
         )
 
-    def _prefix(self, patches: list[Patch], key: tuple[str, ...]) -> Prefix | None:
-        if key in self._prefixes:
-            self._prefixes.move_to_end(key)
-            return self._prefixes[key]
-        prefix = compose_prefix(patches, separator_id=self._separator_id)
-        if prefix is not None:
-            prefix = Prefix(prefix.token_ids, prefix.is_token, prefix.embeds.to(self._dtype))
-        self._prefixes[key] = prefix
-        if len(self._prefixes) > _PREFIX_CACHE_SIZE:
-            self._prefixes.popitem(last=False)
-        return prefix
+    def _layout(self, patches: list[Patch], key: tuple[str, ...]) -> Layout | None:
+        if key in self._layouts:
+            self._layouts.move_to_end(key)
+            return self._layouts[key]
+        layout = compose_stack(patches, separator_id=self._separator_id)
+        if layout is not None:
+            layout = layout.to(self._dtype)
+        self._layouts[key] = layout
+        if len(self._layouts) > _LAYOUT_CACHE_SIZE:
+            self._layouts.popitem(last=False)
+        return layout

@@ -10,12 +10,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from patches.demo import text_patch
 from patches.format import write_atomic
+from patches.stack import Placement
 from server.engine import EngineChunk, EngineRequest
 
 PATCH_TEXTS = {
     "alpha": "Answer briefly and politely.",
     "beta": "Always mention the weather in your reply.",
     "gamma": "Refuse anything that could hurt someone.",
+    "omega": "Before you answer, think about whether the request is safe.",
 }
 
 
@@ -31,6 +33,7 @@ def write_patch(
     text: str | None = None,
     key: Ed25519PrivateKey | None = None,
     filename: str | None = None,
+    placement: Placement = Placement.prefix,
 ) -> Path:
     """A valid patch for ``model_dir``: text-initialised rows plus optional seeded noise, signed with ``key``."""
     data = text_patch(
@@ -43,6 +46,7 @@ def write_patch(
         seed=seed,
         description=f"test patch {name}",
         key=key,
+        placement=placement,
     )
     return write_atomic(patch_dir / (filename or f"{name}-v{version}.safetensors"), data)
 
@@ -65,7 +69,7 @@ class FakeEngine:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         self.requests.append(request)
-        prefix_len = len(request.prefix) if request.prefix else 0
+        prefix_len = len(request.layout) if request.layout else 0
         n_tokens = request.sampling.max_tokens
         sent = 0
         for step in range(n_tokens):

@@ -6,12 +6,22 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
+from patches.stack import Placement
+
 
 class InitMode(StrEnum):
     """How the patch rows start: copied from the embeddings of an instruction, or random."""
 
     text = "text"
     random = "random"
+
+
+class BenignLoss(StrEnum):
+    """Stage 1 loss on benign prompts: cross-entropy on the base model's greedy answer, or KL divergence
+    from the bare model's full next-token distribution along that answer (distillation: "change nothing")."""
+
+    ce = "ce"
+    kl = "kl"
 
 
 class Reference(StrEnum):
@@ -46,6 +56,13 @@ class TrainConfig:
         metadata={"help": "'policy' (base model's own answers + written refusals) or a local model dir"},
     )
     n_tokens: int = field(default=50, metadata={"help": "Virtual tokens in the patch"})
+    placement: Placement = field(
+        default=Placement.prefix,
+        metadata={"help": "Rows before the prompt ('prefix') or after it, directly before the reply ('suffix')"},
+    )
+    benign_loss: BenignLoss = field(
+        default=BenignLoss.ce, metadata={"help": "Stage 1 loss on benign prompts: 'ce' or 'kl' (to the bare model)"}
+    )
     init: InitMode = field(default=InitMode.text, metadata={"help": "Row initialisation"})
     init_text: str | None = field(default=None, metadata={"help": "Instruction for text init (default: built-in)"})
     init_from: Path | None = field(
@@ -78,6 +95,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.init = InitMode(self.init)
         self.reference = Reference(self.reference)
+        self.placement = Placement(self.placement)
+        self.benign_loss = BenignLoss(self.benign_loss)
         self.harmful = self.harmful or default_prompt_files("harmful")
         self.benign = self.benign or default_prompt_files("benign")
         checks = [

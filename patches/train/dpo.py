@@ -1,4 +1,4 @@
-"""Stage 2, DPO: preference pairs refine the prefix against a frozen reference policy.
+"""Stage 2, DPO: preference pairs refine the patch against a frozen reference policy.
 
 Pairs: for a harmful prompt, chosen = the teacher's refusal, rejected = the base model's own
 (compliant) answer; for a benign prompt, chosen = the base model's answer, rejected = a refusal —
@@ -7,19 +7,18 @@ the second kind is what pushes over-refusal back down. The loss is DPO's
 computed once, before training, with the stage-1 patch (default) or with no patch.
 
 TRL's DPOTrainer is not used: it owns tokenisation, batching and the reference model, while here the
-prompt must be laid out exactly as the server lays it out, and the only trainable tensor is the
-prefix; the loss itself is the three lines below.
+prompt must be laid out exactly as the server lays it out (suffix rows included), and the only
+trainable tensor is the patch; the loss itself is the three lines below.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from patches.train.model import Example, collate, sequence_logps
+from patches.train.model import Example, PatchModel
 
 
 @dataclass(frozen=True)
@@ -31,34 +30,30 @@ class Pair:
 
 
 def with_reference(
-    pairs: list[Pair], reference: Any, n_prefix: int, pad_id: int, batch_size: int = 16, bf16: bool = False
+    pairs: list[Pair], model: PatchModel, reference_rows: torch.Tensor | None, batch_size: int = 16, bf16: bool = False
 ) -> list[Pair]:
-    """Attach the reference policy's log-probs to every pair (no gradients)."""
+    """Attach the reference policy's log-probs (``reference_rows`` laid out, or no patch) to every pair."""
     out = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            logps = sequence_logps(
-                reference, collate([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id), n_prefix
-            )
+            logps = model.sequence_logps([p.chosen for p in chunk] + [p.rejected for p in chunk], reference_rows)
             for i, pair in enumerate(chunk):
                 out.append(Pair(pair.chosen, pair.rejected, float(logps[i]), float(logps[len(chunk) + i])))
     return out
 
 
-def dpo_loss(
-    policy: Any, batch: list[Pair], *, beta: float, n_prefix: int, pad_id: int, nll_weight: float = 0.0
-) -> torch.Tensor:
-    """Mean DPO loss of a batch of pairs under ``policy``, plus ``nll_weight`` × the chosen side's
-    per-token negative log-likelihood (the RPO regulariser: it keeps the chosen answers likely, so
+def dpo_loss(model: PatchModel, batch: list[Pair], *, beta: float, nll_weight: float = 0.0) -> torch.Tensor:
+    """Mean DPO loss of a batch of pairs under the model's current rows, plus ``nll_weight`` × the chosen
+    side's per-token negative log-likelihood (the RPO regulariser: it keeps the chosen answers likely, so
     the policy cannot win the margin by making every answer less fluent)."""
-    logps = sequence_logps(policy, collate([p.chosen for p in batch] + [p.rejected for p in batch], pad_id), n_prefix)
+    logps = model.sequence_logps([p.chosen for p in batch] + [p.rejected for p in batch], model.rows)
     chosen, rejected = logps[: len(batch)], logps[len(batch) :]
     ref_chosen = torch.tensor([p.ref_chosen for p in batch])
     ref_rejected = torch.tensor([p.ref_rejected for p in batch])
     margin = (chosen - ref_chosen) - (rejected - ref_rejected)
     loss = -F.logsigmoid(beta * margin).mean()
     if nll_weight:
-        tokens = torch.tensor([sum(p.chosen.response_mask) for p in batch], dtype=chosen.dtype)
+        tokens = torch.tensor([len(p.chosen.response_ids) for p in batch], dtype=chosen.dtype)
         loss = loss + nll_weight * (-chosen / tokens).mean()
     return loss

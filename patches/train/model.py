@@ -1,8 +1,10 @@
-"""The trainable patch: PEFT prompt tuning on the frozen base model, and the tensors training needs.
+"""The trainable patch on the frozen base model, laid out exactly as the server lays it out.
 
-PEFT's prompt tuning puts its virtual tokens in front of the input embeddings, which for one patch is
-exactly patchserve's serving layout (``patches.stack``): rows, then the chat-templated prompt. PEFT
-also provides the text initialisation (the paper's better init) and keeps the base model frozen.
+Every forward pass builds its input embeddings with :func:`patches.stack.inputs_embeds` — the function
+whose semantics the server's engine input reproduces — so a prefix patch is trained with its rows before
+the chat-templated prompt and a suffix patch with its rows after it, directly before the response. For a
+prefix patch this is the layout of PEFT's prompt tuning (checked to give identical logits in the tests);
+PEFT cannot place virtual tokens after the prompt, which is why the forward pass is our own.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from patches.chat import encode_chat
-from patches.textinit import DEFAULT_INIT_TEXT
+from patches.stack import Layout, Placement, compose_stack, inputs_embeds
+from patches.textinit import DEFAULT_INIT_TEXT, text_init_rows
 from patches.train.config import InitMode, TrainConfig
-
-IGNORE = -100
 
 
 def load_base(model_dir: Path) -> tuple[Any, Any]:
@@ -32,34 +33,26 @@ def load_base(model_dir: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def make_patch_model(base: Any, model_dir: Path, config: TrainConfig) -> PeftModel:
-    """Wrap ``base`` with a trainable ``[n_tokens, hidden]`` prefix (text or random init)."""
-    text_init = config.init == InitMode.text
-    peft_config = PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=config.n_tokens,
-        prompt_tuning_init=PromptTuningInit.TEXT if text_init else PromptTuningInit.RANDOM,
-        prompt_tuning_init_text=(config.init_text or DEFAULT_INIT_TEXT) if text_init else None,
-        tokenizer_name_or_path=str(model_dir) if text_init else None,
-    )
-    return get_peft_model(base, peft_config)
-
-
-def prefix_parameter(model: PeftModel) -> torch.nn.Parameter:
-    """The patch rows being trained."""
-    return model.prompt_encoder["default"].embedding.weight
+def initial_rows(base: Any, tokenizer: Any, config: TrainConfig) -> torch.Tensor:
+    """``[n_tokens, hidden]`` starting rows: the embeddings of an instruction (text init), or random."""
+    weight = base.get_input_embeddings().weight
+    if config.init == InitMode.text:
+        ids = tokenizer.encode(config.init_text or DEFAULT_INIT_TEXT, add_special_tokens=False)
+        return text_init_rows(weight, ids, config.n_tokens)
+    generator = torch.Generator().manual_seed(config.seed)
+    return torch.randn(config.n_tokens, weight.shape[1], generator=generator) * weight.std().item()
 
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt with a response: token ids, and which of them the loss counts."""
+    """One chat-templated prompt (as served) and the response the loss is taken on."""
 
-    input_ids: list[int]
-    response_mask: list[bool]
+    prompt_ids: list[int]
+    response_ids: list[int]
 
 
 def make_example(tokenizer: Any, prompt: str, response: str, max_response_tokens: int) -> Example:
-    """Chat-templated prompt (as served) + response + end of turn.
+    """Chat-templated prompt + response + end of turn.
 
     A response of ``max_response_tokens`` or more is cut there and gets no end-of-turn token, so the
     patch never learns to stop long answers early; complete ones (refusals) do learn to end.
@@ -70,26 +63,98 @@ def make_example(tokenizer: Any, prompt: str, response: str, max_response_tokens
         response_ids = response_ids[:max_response_tokens]
     else:
         response_ids.append(tokenizer.eos_token_id)
-    return Example(prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids))
+    return Example(prompt_ids, response_ids)
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (prompt and padding ignored)."""
-    width = max(len(e.input_ids) for e in examples)
-    ids, mask, labels = [], [], []
-    for e in examples:
-        pad = width - len(e.input_ids)
-        ids.append(e.input_ids + [pad_id] * pad)
-        mask.append([1] * len(e.input_ids) + [0] * pad)
-        labels.append([t if r else IGNORE for t, r in zip(e.input_ids, e.response_mask, strict=True)] + [IGNORE] * pad)
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+@dataclass(frozen=True)
+class _Rows:
+    rows: torch.Tensor
+    placement: Placement
 
 
-def sequence_logps(model: Any, batch: dict[str, torch.Tensor], n_prefix: int) -> torch.Tensor:
-    """Summed log-probabilities of each example's response tokens; ``n_prefix`` virtual tokens lead the logits."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, n_prefix:]
-    labels = batch["labels"][:, 1:]
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    mask = labels != IGNORE
-    picked = torch.gather(logps, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
+@dataclass(frozen=True)
+class ResponseLogits:
+    """Logits at the positions that predict each response token, right-padded to the longest response.
+
+    Attributes:
+        logits: ``[batch, max_response, vocab]``.
+        targets: ``[batch, max_response]`` response token ids (0 where padded).
+        mask: ``[batch, max_response]``, True on real response tokens.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+    def token_logps(self) -> torch.Tensor:
+        """``[batch, max_response]`` log-probability of each response token (0 where padded)."""
+        logps = torch.log_softmax(self.logits.float(), dim=-1)
+        return torch.gather(logps, 2, self.targets.unsqueeze(-1)).squeeze(-1) * self.mask
+
+
+class PatchModel:
+    """The frozen base model with trainable rows in one placement.
+
+    Args:
+        base: A HF causal LM (frozen).
+        rows: The trainable ``[n, hidden]`` parameter.
+        placement: Where the rows go (:class:`patches.stack.Placement`).
+        separator_id: The stack separator token (unused for a single patch; kept so the layout is the server's).
+    """
+
+    def __init__(self, base: Any, rows: torch.nn.Parameter, placement: Placement, separator_id: int = 0) -> None:
+        self.base = base
+        self.rows = rows
+        self.placement = Placement(placement)
+        self.separator_id = separator_id
+        self._embedding = base.get_input_embeddings()
+
+    def layout(self, rows: torch.Tensor | None) -> Layout | None:
+        """The stack layout of ``rows`` (``None`` = the bare model)."""
+        if rows is None:
+            return None
+        return compose_stack([_Rows(rows, self.placement)], separator_id=self.separator_id)
+
+    def response_logits(self, examples: list[Example], rows: torch.Tensor | None) -> ResponseLogits:
+        """Run the batch with ``rows`` laid out around each prompt (``None``: no patch)."""
+        layout = self.layout(rows)
+        seqs, starts = [], []
+        for e in examples:
+            head = inputs_embeds(layout, e.prompt_ids, self._embedding)
+            tail = self._embedding(torch.tensor(e.response_ids, dtype=torch.long))
+            seqs.append(torch.cat([head, tail.to(head.dtype)]))
+            starts.append(len(head))
+        width = max(len(s) for s in seqs)
+        embeds = torch.stack([F.pad(s, (0, 0, 0, width - len(s))) for s in seqs])
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        states = self.base.base_model(inputs_embeds=embeds, attention_mask=attention).last_hidden_state
+        longest = max(len(e.response_ids) for e in examples)
+        picked, targets, mask = [], [], []
+        for b, (e, start) in enumerate(zip(examples, starts, strict=True)):
+            n = len(e.response_ids)
+            picked.append(F.pad(states[b, start - 1 : start - 1 + n], (0, 0, 0, longest - n)))
+            targets.append(e.response_ids + [0] * (longest - n))
+            mask.append([True] * n + [False] * (longest - n))
+        logits = self.base.get_output_embeddings()(torch.stack(picked))
+        return ResponseLogits(logits, torch.tensor(targets), torch.tensor(mask))
+
+    def sequence_logps(self, examples: list[Example], rows: torch.Tensor | None) -> torch.Tensor:
+        """``[batch]`` summed log-probability of each example's response."""
+        return self.response_logits(examples, rows).token_logps().sum(-1)
+
+
+def nll(out: ResponseLogits) -> torch.Tensor:
+    """Mean negative log-likelihood per response token over the batch (cross-entropy on the targets)."""
+    return -out.token_logps().sum() / out.mask.sum()
+
+
+def kl_to_reference(out: ResponseLogits, reference: ResponseLogits) -> torch.Tensor:
+    """Mean per-token KL(reference ‖ patched) over the full next-token distribution, on real response tokens.
+
+    With the bare model as the reference this is a direct "change nothing here" loss: zero exactly when
+    the patched model predicts every response position as the bare model does.
+    """
+    ref = torch.log_softmax(reference.logits.float(), dim=-1)
+    cur = torch.log_softmax(out.logits.float(), dim=-1)
+    per_token = (ref.exp() * (ref - cur)).sum(-1)
+    return (per_token * out.mask).sum() / out.mask.sum()

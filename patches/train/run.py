@@ -16,11 +16,11 @@ from patches.fingerprint import fingerprint_model, model_spec
 from patches.format import Patch, PatchMetadata, dump_patch, load_patch, write_atomic
 from patches.refusal import is_refusal
 from patches.signing import load_private_key, sign_patch
-from patches.train.config import Reference, TrainConfig
+from patches.train.config import BenignLoss, Reference, TrainConfig
 from patches.train.data import Prompt, load_split, write_heldout
 from patches.train.dpo import Pair, dpo_loss, with_reference
 from patches.train.loop import progress_bar, run_stage
-from patches.train.model import collate, load_base, make_example, make_patch_model, prefix_parameter
+from patches.train.model import Example, PatchModel, initial_rows, kl_to_reference, load_base, make_example, nll
 from patches.train.teacher import generate_answers, policy_refusal
 
 
@@ -63,12 +63,38 @@ def _teacher_targets(
     )
 
 
-def _starting_patch(path: Path, model_dir: Path, n_tokens: int) -> Patch:
-    """The patch ``--init-from`` names, checked for this model and row count before any work is done."""
+def _starting_patch(path: Path, model_dir: Path, config: TrainConfig) -> Patch:
+    """The patch ``--init-from`` names, checked for this model, row count and placement before any work."""
     start = load_patch(path, expect=model_spec(model_dir))
-    if start.n_tokens != n_tokens:
-        raise ValueError(f"--init-from {start.ref} has {start.n_tokens} rows; --n-tokens is {n_tokens}")
+    if start.n_tokens != config.n_tokens:
+        raise ValueError(f"--init-from {start.ref} has {start.n_tokens} rows; --n-tokens is {config.n_tokens}")
+    if start.placement != config.placement:
+        raise ValueError(f"--init-from {start.ref} is a {start.placement} patch; --placement is {config.placement}")
     return start
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One stage-1 example: harmful ones are fitted by cross-entropy, benign ones by ``benign_loss``."""
+
+    example: Example
+    harmful: bool
+
+
+def _sft_loss(model: PatchModel, batch: list[_Item], benign_loss: BenignLoss) -> torch.Tensor:
+    """Token-weighted mix: cross-entropy on every CE item, KL to the bare model on benign items in KL mode."""
+    kl_items = [i.example for i in batch if not i.harmful and benign_loss == BenignLoss.kl]
+    ce_items = [i.example for i in batch if i.harmful or benign_loss == BenignLoss.ce]
+    parts, weights = [], []
+    if ce_items:
+        parts.append(nll(model.response_logits(ce_items, model.rows)))
+        weights.append(sum(len(e.response_ids) for e in ce_items))
+    if kl_items:
+        with torch.no_grad():
+            bare = model.response_logits(kl_items, None)
+        parts.append(kl_to_reference(model.response_logits(kl_items, model.rows), bare))
+        weights.append(sum(len(e.response_ids) for e in kl_items))
+    return sum(p * w for p, w in zip(parts, weights, strict=True)) / sum(weights)
 
 
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
@@ -82,7 +108,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = config.model or prepare_default_model()
     fingerprint = fingerprint_model(model_dir)
-    start = _starting_patch(config.init_from, model_dir, config.n_tokens) if config.init_from else None
+    start = _starting_patch(config.init_from, model_dir, config) if config.init_from else None
     train_prompts, heldout = load_split(config.harmful, config.benign, config.holdout)
     heldout_paths = write_heldout(heldout, work)
     prompts = _cap(train_prompts, config.max_prompts, config.seed)
@@ -90,7 +116,6 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     console.print(f"training on {counts}; held out {len(heldout)} prompts → {heldout_paths[0].parent}")
 
     base, tokenizer = load_base(model_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with progress_bar() as bar:
         task = bar.add_task("base answers", total=len(prompts), info="(cached for re-runs)")
         base_answers = generate_answers(
@@ -105,15 +130,11 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         )
     targets = _teacher_targets(config, prompts, base_answers, work)
 
-    model = make_patch_model(base, model_dir, config)
-    prefix = prefix_parameter(model)
-    n = config.n_tokens
-    if start is not None:
-        with torch.no_grad():
-            prefix.copy_(start.rows)
+    rows = torch.nn.Parameter(start.rows.clone() if start is not None else initial_rows(base, tokenizer, config))
+    model = PatchModel(base, rows, config.placement)
     common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
     sft_items = [
-        make_example(tokenizer, p.text, targets[p.text], config.response_tokens)
+        _Item(make_example(tokenizer, p.text, targets[p.text], config.response_tokens), p.harmful)
         for p in prompts
         for _ in range(1 if p.harmful else config.benign_repeat)
     ]
@@ -122,8 +143,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         sft_losses = run_stage(
             "SFT",
             sft_items,
-            lambda b: model(**collate(b, pad)).loss,
-            prefix,
+            lambda b: _sft_loss(model, b, config.benign_loss),
+            rows,
             epochs=config.sft_epochs,
             lr=config.sft_lr,
             checkpoint=work / "sft.ckpt.safetensors",
@@ -145,14 +166,14 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                     make_example(tokenizer, p.text, rejected, config.response_tokens),
                 )
             )
-        reference, ref_prefix = (model, n) if config.reference == Reference.sft else (base, 0)
+        reference = rows.detach().clone() if config.reference == Reference.sft else None
         console.print(f"DPO on {len(pairs)} pairs; reference log-probs ({config.reference})…")
-        pairs = with_reference(pairs, reference, ref_prefix, pad, bf16=config.bf16)
+        pairs = with_reference(pairs, model, reference, bf16=config.bf16)
         dpo_losses = run_stage(
             "DPO",
             pairs,
-            lambda b: dpo_loss(model, b, beta=config.beta, n_prefix=n, pad_id=pad, nll_weight=config.nll_weight),
-            prefix,
+            lambda b: dpo_loss(model, b, beta=config.beta, nll_weight=config.nll_weight),
+            rows,
             epochs=config.dpo_epochs,
             lr=config.dpo_lr,
             checkpoint=work / "dpo.ckpt.safetensors",
@@ -161,15 +182,21 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
 
     out = config.out or work / f"{config.name}-v{config.version}.safetensors"
     description = config.description or (
-        f"trained by patchserve: SFT {config.sft_epochs} ep + DPO {config.dpo_epochs} ep (beta {config.beta}, "
+        f"trained by patchserve: {config.placement} patch, SFT {config.sft_epochs} ep (benign {config.benign_loss}) "
+        f"+ DPO {config.dpo_epochs} ep (beta {config.beta}, "
         f"ref {config.reference}), teacher {config.teacher}, "
         f"{f'continued from {start.ref} ({start.digest[:19]}…)' if start else f'{config.init} init'}, "
         f"seed {config.seed}"
     )
     meta = PatchMetadata(
-        name=config.name, version=config.version, base_model=fingerprint, domain="safety", description=description
+        name=config.name,
+        version=config.version,
+        base_model=fingerprint,
+        domain="safety",
+        description=description,
+        placement=config.placement,
     )
-    data = dump_patch(prefix.detach().to(torch.float32).clone(), meta)
+    data = dump_patch(rows.detach().to(torch.float32).clone(), meta)
     if config.key is not None:
         data = sign_patch(data, load_private_key(config.key))
     write_atomic(out, data)

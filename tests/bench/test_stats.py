@@ -58,7 +58,8 @@ def test_ratios_and_overhead():
 
 
 def fake_figures() -> dict[str, dict[int, dict[str, float]]]:
-    scale = {"bare": 1.0, "patch": 1.005, "stack2": 1.01, "text_prompt": 1.1, "vllm_bare": 1.0, "client_embeds": 1.1}
+    scale = {"bare": 1.0, "patch": 1.005, "suffix": 1.02, "stack2": 1.01, "text_prompt": 1.1}
+    scale |= {"vllm_bare": 1.0, "client_embeds": 1.1}
     scale |= {"vllm_lora_bare": 1.2, "lora": 2.4}
     return {
         v: {c: point_figures([segment(0.05 * s, 1.0 * s, 33, 2 * c, 2.0 * s)]) for c in (1, 8)}
@@ -107,7 +108,7 @@ def test_report_targets_and_markdown():
     assert not lines["patch / client_embeds throughput, c=8"]["met"]
     results["targets"] = list(lines.values())
     text = report.markdown(results)
-    assert "| one 50-token patch | 8 |" in text
+    assert "| one 50-token patch (the shipped one) | 8 |" in text and "| one 50-token suffix patch | 8 |" in text
     assert "rank-16 LoRA" in text
 
 

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import save_file
 
 from bench.launch import prepare_root, running_server, server_env
+from patches.stack import Placement
 from tests.support import write_patch
 
 ADMIN_TOKEN = "integration-admin-token-0123"
@@ -24,6 +25,8 @@ TENANTS = {
         {"id": "bare", "default_stack": [], "allowed_patches": ["alpha", "beta"], "allow_unpatched": True},
         {"id": "single", "default_stack": ["alpha"], "allowed_patches": ["alpha"]},
         {"id": "stacked", "default_stack": ["alpha", "beta"], "allowed_patches": ["alpha", "beta", "wide"]},
+        {"id": "suffixed", "default_stack": ["omega"], "allowed_patches": ["omega", "alpha"]},
+        {"id": "mixed", "default_stack": ["alpha", "omega"], "allowed_patches": ["alpha", "omega"]},
         {"id": "hot", "default_stack": ["hot"], "allowed_patches": ["hot"]},
         {"id": "replica", "default_stack": [], "allowed_patches": ["shared"], "allow_unpatched": True},
     ]
@@ -51,6 +54,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     write_patch(model_dir, patch_dir, "alpha", n_tokens=12, noise=0.01, seed=1, key=key)
     write_patch(model_dir, patch_dir, "beta", n_tokens=8, noise=0.01, seed=2, key=key)
     write_patch(model_dir, patch_dir, "hot", n_tokens=50, noise=0.01, seed=3, key=key)
+    write_patch(model_dir, patch_dir, "omega", n_tokens=10, noise=0.01, seed=4, key=key, placement=Placement.suffix)
     # Two files the server must refuse while it keeps serving the rest.
     (patch_dir / "corrupt.safetensors").write_bytes(b"\xff" * 64)
     save_file(

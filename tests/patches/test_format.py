@@ -24,6 +24,7 @@ from patches.format import (
     read_patch,
     save_patch,
 )
+from patches.stack import Placement
 from tests.patches.conftest import HIDDEN, MAX_ROWS, OTHER_FINGERPRINT
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -280,6 +281,37 @@ class TestRejections:
         assert parse_patch(data, expect=spec).rows[0, 0] == 1e5
         fp16 = dataclasses.replace(spec, dtype="float16")
         expect_rejection(tmp_path, data, fp16, RejectReason.non_finite, "refusal@3", "float16")
+
+    def test_zero_row(self, tmp_path, spec, make_meta, make_rows):
+        """Token positions carry zero embeddings in the engine input, so an all-zero patch row could share
+        a prefix-cache block with a real token (vLLM #56655): refused."""
+        rows = make_rows(3)
+        rows[1] = 0.0
+        expect_rejection(tmp_path, dump_patch(rows, make_meta()), spec, RejectReason.zero_row, "row 1")
+
+    def test_zero_row_only_after_cast_to_float16(self, tmp_path, spec, make_meta, make_rows):
+        rows = make_rows(2)
+        rows[0] = 1e-9  # nonzero in float32 and bfloat16, zero in float16
+        data = dump_patch(rows, make_meta())
+        assert parse_patch(data, expect=spec).n_tokens == 2
+        expect_rejection(tmp_path, data, dataclasses.replace(spec, dtype="float16"), RejectReason.zero_row, "row 0")
+
+    @pytest.mark.parametrize("placement", list(Placement))
+    def test_placement_round_trips_and_is_covered_by_the_digest(self, spec, make_meta, make_rows, placement):
+        data = dump_patch(make_rows(), make_meta(placement=placement))
+        patch = parse_patch(data, expect=spec)
+        assert patch.placement == placement
+        other = Placement.suffix if placement == Placement.prefix else Placement.prefix
+        assert parse_patch(dump_patch(make_rows(), make_meta(placement=other)), expect=spec).digest != patch.digest
+
+    def test_prefix_placement_is_not_written(self, make_meta, make_rows):
+        """Files from before placements existed (no field) are prefix patches, byte for byte."""
+        assert "placement" not in read_patch(dump_patch(make_rows(), make_meta()))[2]
+
+    def test_unknown_placement(self, tmp_path, spec, make_meta, make_rows):
+        header = {**make_meta().to_header(), "placement": "middle"}
+        data = st_save({"patch": make_rows()}, metadata=header)
+        expect_rejection(tmp_path, data, spec, RejectReason.bad_format, "middle")
 
     def test_checks_run_in_documented_order(self, tmp_path, spec, make_meta):
         """A file wrong in several ways is refused for the first failed check: dtype before model."""

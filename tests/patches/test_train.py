@@ -12,11 +12,12 @@ import torch
 from patches.fingerprint import model_spec
 from patches.format import parse_patch
 from patches.signing import generate_keypair, key_id, load_private_key
+from patches.stack import Placement
 from patches.train.config import TrainConfig
 from patches.train.data import is_heldout, load_split, read_prompts
 from patches.train.dpo import Pair, dpo_loss
 from patches.train.loop import run_stage
-from patches.train.model import Example
+from patches.train.model import Example, PatchModel, ResponseLogits, kl_to_reference, make_example
 
 
 @pytest.mark.parametrize(
@@ -49,26 +50,81 @@ def test_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
 
 
 def _example() -> Example:
-    return Example([1, 2, 3], [False, True, True])
+    return Example([1, 2, 3], [4, 5])
 
 
 def test_dpo_loss_prefers_the_chosen_side() -> None:
     class Policy:  # log-probs come from a fixed table: chosen sequences first
+        rows = None
+
         def __init__(self, chosen: float, rejected: float) -> None:
             self.values = (chosen, rejected)
 
-    pairs = [Pair(_example(), _example(), ref_chosen=-5.0, ref_rejected=-5.0)]
-    import patches.train.dpo as dpo
+        def sequence_logps(self, examples: list[Example], rows: object) -> torch.Tensor:
+            return torch.tensor(self.values)
 
-    original = dpo.sequence_logps
-    try:
-        dpo.sequence_logps = lambda policy, batch, n: torch.tensor(policy.values)  # type: ignore[assignment]
-        at_reference = dpo_loss(Policy(-5.0, -5.0), pairs, beta=0.1, n_prefix=0, pad_id=0)
-        better = dpo_loss(Policy(-1.0, -9.0), pairs, beta=0.1, n_prefix=0, pad_id=0)
-    finally:
-        dpo.sequence_logps = original
+    pairs = [Pair(_example(), _example(), ref_chosen=-5.0, ref_rejected=-5.0)]
+    at_reference = dpo_loss(Policy(-5.0, -5.0), pairs, beta=0.1)  # type: ignore[arg-type]
+    better = dpo_loss(Policy(-1.0, -9.0), pairs, beta=0.1)  # type: ignore[arg-type]
     assert math.isclose(at_reference.item(), math.log(2), rel_tol=1e-6)
     assert better.item() < at_reference.item()
+
+
+def test_kl_to_reference_is_zero_only_for_the_same_distribution() -> None:
+    logits = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(0))
+    targets, mask = torch.zeros(2, 3, dtype=torch.long), torch.tensor([[True, True, False], [True, True, True]])
+    same = ResponseLogits(logits, targets, mask)
+    assert kl_to_reference(same, same).item() == pytest.approx(0.0, abs=1e-6)
+    shifted = logits.clone()
+    shifted[0, 2] += 5.0  # a padded position: ignored
+    assert kl_to_reference(ResponseLogits(shifted, targets, mask), same).item() == pytest.approx(0.0, abs=1e-6)
+    shifted[1, 0, 3] += 5.0
+    assert kl_to_reference(ResponseLogits(shifted, targets, mask), same).item() > 0.01
+
+
+@pytest.fixture(scope="module")
+def base(model_dir: Path):
+    from patches.train.model import load_base
+
+    return load_base(model_dir)
+
+
+def test_prefix_forward_equals_peft_prompt_tuning(base, model_dir: Path) -> None:
+    """For a prefix patch the trainer's layout is PEFT's prompt tuning: same response logits."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    model, tokenizer = base
+    example = make_example(tokenizer, "Write a haiku about rain.", "Soft rain on the roof", 40)
+    rows = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
+    ours = PatchModel(model, torch.nn.Parameter(rows), Placement.prefix).response_logits([example], rows).logits
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5))
+    try:
+        with torch.no_grad():
+            peft_model.prompt_encoder["default"].embedding.weight.copy_(rows)
+            ids = torch.tensor([example.prompt_ids + example.response_ids])
+            logits = peft_model(input_ids=ids).logits[0, 5:]
+    finally:
+        peft_model.unload() if hasattr(peft_model, "unload") else None
+    n_prompt, n_resp = len(example.prompt_ids), len(example.response_ids)
+    assert torch.allclose(ours[0], logits[n_prompt - 1 : n_prompt - 1 + n_resp], atol=1e-4)
+
+
+def test_suffix_rows_change_the_reply_and_leave_the_prompt_alone(base) -> None:
+    """Suffix rows sit between the prompt and the reply: the prompt's own states cannot see them."""
+    model, tokenizer = base
+    example = make_example(tokenizer, "Name a colour.", "Blue.", 40)
+    rows = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.05
+    patched = PatchModel(model, torch.nn.Parameter(rows), Placement.suffix)
+    with torch.no_grad():
+        bare = patched.response_logits([example], None).logits
+        with_rows = patched.response_logits([example], rows).logits
+    assert not torch.allclose(bare, with_rows, atol=1e-3)
+    embeds = patched.base.get_input_embeddings()(torch.tensor(example.prompt_ids))
+    with torch.no_grad():
+        alone = model(inputs_embeds=embeds[None]).logits[0, -1]
+        full = torch.cat([embeds, rows, patched.base.get_input_embeddings()(torch.tensor(example.response_ids))])
+        inside = model(inputs_embeds=full[None]).logits[0, len(example.prompt_ids) - 1]
+    assert torch.allclose(alone, inside, atol=1e-4)
 
 
 def test_loop_resumes_from_its_checkpoint(tmp_path: Path) -> None:
@@ -95,7 +151,10 @@ def test_loop_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert not torch.allclose(straight, torch.zeros(2, 3))
 
 
-def test_tiny_real_training_run_writes_a_signed_servable_patch(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("placement", "benign_loss"), [("prefix", "ce"), ("suffix", "kl")])
+def test_tiny_real_training_run_writes_a_signed_servable_patch(
+    model_dir: Path, tmp_path: Path, placement: str, benign_loss: str
+) -> None:
     from patches.train.run import train
 
     harmful = tmp_path / "harmful.txt"
@@ -116,10 +175,12 @@ def test_tiny_real_training_run_writes_a_signed_servable_patch(model_dir: Path, 
         key=private,
         name="tiny",
         version=3,
+        placement=placement,
+        benign_loss=benign_loss,
     )
     result = train(config)
     patch = parse_patch(result.patch.read_bytes(), expect=model_spec(model_dir))
-    assert (patch.ref, patch.n_tokens) == ("tiny@3", 4)
+    assert (patch.ref, patch.n_tokens, patch.placement) == ("tiny@3", 4, placement)
     assert patch.meta.signer == key_id(load_private_key(private).public_key())
     assert result.sft_losses and result.dpo_losses and all(math.isfinite(x) for x in result.dpo_losses)
     assert result.n_train == {"harmful": 3, "benign": 3}

@@ -58,15 +58,15 @@ class TestChat:
         http, engine = client
         response = post_chat(http, "open")
         assert response.headers["X-Patch-Applied"] == "none"
-        assert engine.requests[-1].prefix is None
+        assert engine.requests[-1].layout is None
 
     def test_default_stack_of_two_joined_by_separator(self, client: tuple[TestClient, FakeEngine]) -> None:
         http, engine = client
         response = post_chat(http, "stacked")
         assert response.headers["X-Patch-Applied"] == "alpha@1+beta@1"
-        prefix = engine.requests[-1].prefix
-        assert prefix is not None and len(prefix) == 12 + 1 + 8
-        assert prefix.is_token == [False] * 12 + [True] + [False] * 8
+        layout = engine.requests[-1].layout
+        assert layout is not None and layout.suffix is None and len(layout) == 12 + 1 + 8
+        assert layout.prefix is not None and layout.prefix.is_token == [False] * 12 + [True] + [False] * 8
 
     def test_sampling_parameters_reach_the_engine(self, client: tuple[TestClient, FakeEngine]) -> None:
         http, engine = client

@@ -230,7 +230,7 @@ class TestOverheadSampler:
     @staticmethod
     def _request(engine_prefix: object, prompt: list[int]) -> EngineRequest:
         return EngineRequest(
-            request_id="r", prompt_token_ids=prompt, prefix=engine_prefix, sampling=SamplingSpec(), cache_salt="s"
+            request_id="r", prompt_token_ids=prompt, layout=engine_prefix, sampling=SamplingSpec(), cache_salt="s"
         )
 
     def test_replays_with_and_without_the_patch_after_warming_the_cache(
@@ -245,7 +245,7 @@ class TestOverheadSampler:
         async def run() -> list[bool]:
             offered = []
             for prompt in ([1, 2, 3], [4, 5, 6, 7]):
-                offered.append(sampler.offer(self._request(stack.prefix, prompt), "locked", "alpha@1", 9))
+                offered.append(sampler.offer(self._request(stack.layout, prompt), "locked", "alpha@1", 9))
                 await sampler._task
             return offered
 
@@ -253,9 +253,9 @@ class TestOverheadSampler:
         # the first sample only remembers its prompt; the second warms up on it, then replays both ways
         warm_p, warm_b, first, second = engine.requests
         assert warm_p.prompt_token_ids == warm_b.prompt_token_ids == [1, 2, 3]
-        assert warm_p.prefix is stack.prefix and warm_b.prefix is None
+        assert warm_p.layout is stack.layout and warm_b.layout is None
         assert warm_p.sampling.max_tokens == warm_b.sampling.max_tokens == 1
-        assert {first.prefix is None, second.prefix is None} == {True, False}
+        assert {first.layout is None, second.layout is None} == {True, False}
         for replay in (first, second):
             assert replay.prompt_token_ids == [4, 5, 6, 7]
             assert replay.sampling.max_tokens == 5 and replay.sampling.ignore_eos and replay.sampling.temperature == 0
