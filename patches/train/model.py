@@ -86,6 +86,10 @@ class ResponseLogits:
     targets: torch.Tensor
     mask: torch.Tensor
 
+    def select(self, indices: list[int]) -> ResponseLogits:
+        """The examples at ``indices`` (in that order)."""
+        return ResponseLogits(self.logits[indices], self.targets[indices], self.mask[indices])
+
     def token_logps(self) -> torch.Tensor:
         """``[batch, max_response]`` log-probability of each response token (0 where padded)."""
         logps = torch.log_softmax(self.logits.float(), dim=-1)
@@ -99,21 +103,19 @@ class PatchModel:
         base: A HF causal LM (frozen).
         rows: The trainable ``[n, hidden]`` parameter.
         placement: Where the rows go (:class:`patches.stack.Placement`).
-        separator_id: The stack separator token (unused for a single patch; kept so the layout is the server's).
     """
 
-    def __init__(self, base: Any, rows: torch.nn.Parameter, placement: Placement, separator_id: int = 0) -> None:
+    def __init__(self, base: Any, rows: torch.nn.Parameter, placement: Placement) -> None:
         self.base = base
         self.rows = rows
         self.placement = Placement(placement)
-        self.separator_id = separator_id
         self._embedding = base.get_input_embeddings()
 
     def layout(self, rows: torch.Tensor | None) -> Layout | None:
         """The stack layout of ``rows`` (``None`` = the bare model)."""
         if rows is None:
             return None
-        return compose_stack([_Rows(rows, self.placement)], separator_id=self.separator_id)
+        return compose_stack([_Rows(rows, self.placement)], separator_id=0)  # one patch: no separator
 
     def response_logits(self, examples: list[Example], rows: torch.Tensor | None) -> ResponseLogits:
         """Run the batch with ``rows`` laid out around each prompt (``None``: no patch)."""

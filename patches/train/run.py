@@ -82,18 +82,20 @@ class _Item:
 
 
 def _sft_loss(model: PatchModel, batch: list[_Item], benign_loss: BenignLoss) -> torch.Tensor:
-    """Token-weighted mix: cross-entropy on every CE item, KL to the bare model on benign items in KL mode."""
-    kl_items = [i.example for i in batch if not i.harmful and benign_loss == BenignLoss.kl]
-    ce_items = [i.example for i in batch if i.harmful or benign_loss == BenignLoss.ce]
+    """Token-weighted mix: cross-entropy on every CE item, KL to the bare model on benign items in KL mode.
+    One patched forward pass serves both; the bare model runs only on the KL items."""
+    kl = [k for k, i in enumerate(batch) if not i.harmful and benign_loss == BenignLoss.kl]
+    ce = [k for k in range(len(batch)) if k not in kl]
+    patched = model.response_logits([i.example for i in batch], model.rows)
     parts, weights = [], []
-    if ce_items:
-        parts.append(nll(model.response_logits(ce_items, model.rows)))
-        weights.append(sum(len(e.response_ids) for e in ce_items))
-    if kl_items:
+    if ce:
+        parts.append(nll(patched.select(ce)))
+        weights.append(sum(len(batch[k].example.response_ids) for k in ce))
+    if kl:
         with torch.no_grad():
-            bare = model.response_logits(kl_items, None)
-        parts.append(kl_to_reference(model.response_logits(kl_items, model.rows), bare))
-        weights.append(sum(len(e.response_ids) for e in kl_items))
+            bare = model.response_logits([batch[k].example for k in kl], None)
+        parts.append(kl_to_reference(patched.select(kl), bare))
+        weights.append(sum(len(batch[k].example.response_ids) for k in kl))
     return sum(p * w for p, w in zip(parts, weights, strict=True)) / sum(weights)
 
 

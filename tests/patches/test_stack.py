@@ -22,6 +22,13 @@ def rows(n: int, hidden: int = 4, *, start: float = 1.0, placement: Placement = 
     return Rows(torch.arange(n * hidden, dtype=torch.float32).reshape(n, hidden) + start, placement)
 
 
+@pytest.fixture
+def embedding() -> torch.nn.Embedding:
+    """A small seeded embedding table (16 ids, width 4)."""
+    torch.manual_seed(0)
+    return torch.nn.Embedding(16, 4)
+
+
 class TestParseStack:
     @pytest.mark.parametrize(
         ("spec", "expected"),
@@ -112,11 +119,6 @@ class TestComposePrefix:
 
 
 class TestPrefixInputsEmbeds:
-    @pytest.fixture
-    def embedding(self) -> torch.nn.Embedding:
-        torch.manual_seed(0)
-        return torch.nn.Embedding(16, 4)
-
     def test_matches_manual_concatenation(self, embedding):
         p1, p2 = rows(2), rows(3, start=100.0)
         sep, prompt = 11, [3, 4, 5, 0]
@@ -147,11 +149,6 @@ class TestPrefixInputsEmbeds:
 
 
 class TestSuffixLayout:
-    @pytest.fixture
-    def embedding(self) -> torch.nn.Embedding:
-        torch.manual_seed(0)
-        return torch.nn.Embedding(16, 4)
-
     def test_suffix_rows_follow_the_prompt(self, embedding):
         s = rows(2, placement=Placement.suffix)
         layout = compose_stack([s], separator_id=7, placeholder_id=0)

@@ -98,13 +98,10 @@ def test_prefix_forward_equals_peft_prompt_tuning(base, model_dir: Path) -> None
     rows = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
     ours = PatchModel(model, torch.nn.Parameter(rows), Placement.prefix).response_logits([example], rows).logits
     peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5))
-    try:
-        with torch.no_grad():
-            peft_model.prompt_encoder["default"].embedding.weight.copy_(rows)
-            ids = torch.tensor([example.prompt_ids + example.response_ids])
-            logits = peft_model(input_ids=ids).logits[0, 5:]
-    finally:
-        peft_model.unload() if hasattr(peft_model, "unload") else None
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(rows)
+        ids = torch.tensor([example.prompt_ids + example.response_ids])
+        logits = peft_model(input_ids=ids).logits[0, 5:]
     n_prompt, n_resp = len(example.prompt_ids), len(example.response_ids)
     assert torch.allclose(ours[0], logits[n_prompt - 1 : n_prompt - 1 + n_resp], atol=1e-4)
 
