@@ -23,6 +23,7 @@ class RejectReason(StrEnum):
     revoked = "revoked"
     rollback = "rollback"
     in_use = "in_use"
+    not_a_file = "not_a_file"
 
 
 class PatchError(Exception):
@@ -58,3 +59,7 @@ class StackError(PatchError):
 
 class TenantConfigError(PatchError):
     """A tenant configuration file that cannot be used."""
+
+
+class StateError(PatchError):
+    """The shared version state (or a patch file being persisted) cannot be read or written."""

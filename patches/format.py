@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ ALLOWED_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "
 REQUIRED_FIELDS = ("format", "name", "version", "base_model", "domain", "description", "created")
 SIGNATURE_FIELD = "signature"
 _MAX_HEADER = 64 * 1024
+MAX_FILE_BYTES = 64 * 1024 * 1024  # read or upload no more than this before parsing, whatever the model
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,34 @@ def write_atomic(path: Path, data: bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def read_regular_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``, checked on the open
+    descriptor (a FIFO or device is never read, so it cannot block the reader). A symlink is followed
+    only to a file inside the same directory tree (a Kubernetes ConfigMap mount links ``x`` to
+    ``..data/x``), never out of it.
+
+    Raises:
+        PatchRejected: ``not_a_file`` or ``oversized``.
+        OSError: The file cannot be opened or read.
+    """
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(path.parent.resolve()):
+            raise PatchRejected(RejectReason.not_a_file, f"{path.name} is a symlink out of its directory")
+        path = target
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise PatchRejected(RejectReason.not_a_file, f"{path.name} is not a regular file")
+        if info.st_size > max_bytes:
+            raise PatchRejected(RejectReason.oversized, f"{path.name} has {info.st_size} bytes; limit {max_bytes}")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PatchRejected(RejectReason.oversized, f"{path.name} grew past {max_bytes} bytes while being read")
+    return data
 
 
 def save_patch(path: Path, rows: torch.Tensor, meta: PatchMetadata) -> Path:

@@ -1,24 +1,28 @@
 """The registry of loaded patches: every live version of every name, resolved by reference.
 
-Reading, verifying and validating a file happen outside the lock; publishing is a reference swap of
-an immutable snapshot under the lock, so a resolver sees either the old or the new set, never a
-half-loaded one. A file that fails any check (including the rollback guard) is recorded with its
-reason and changes nothing that is serving.
+Reading, verifying and validating a file happen outside the lock. Every change (load, upload, unload,
+rollback, purge) is one step under one lock: check against the shared version ledger, record in the
+ledger, write the file (uploads), then publish, which is a reference swap of an immutable snapshot.
+Resolvers read the snapshot without the lock and see either the old or the new set, never a
+half-loaded one. A file or operation that fails any check, or whose ledger write fails, is recorded
+with its reason and changes nothing that is serving.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from patches.errors import PatchNotFound, PatchRejected, RejectReason
-from patches.format import Patch
-from patches.rollback import VersionGuard
+from patches.errors import PatchError, PatchNotFound, PatchRejected, RejectReason, StateError
+from patches.format import Patch, read_regular_file
+from patches.rollback import VersionLedger
 from patches.stack import PatchRef
 
 log = logging.getLogger(__name__)
@@ -76,17 +80,17 @@ class PatchRegistry:
 
     Args:
         loader: Verifies and validates one file's bytes; raises :class:`PatchRejected` to refuse.
-        guard: Rollback protection (default: in memory only).
-        pinned: The tenants' default stacks; an unload that would break one is refused.
+        ledger: The shared version ledger (default: in memory only).
+        pinned: The tenants' default stacks; an unload that would change what one serves is refused.
     """
 
     def __init__(
-        self, loader: PatchLoader, guard: VersionGuard | None = None, pinned: PinnedStacks | None = None
+        self, loader: PatchLoader, ledger: VersionLedger | None = None, pinned: PinnedStacks | None = None
     ) -> None:
         self._loader = loader
-        self.guard = guard or VersionGuard(None)
+        self.ledger = ledger or VersionLedger(None)
         self.pinned: PinnedStacks = pinned or (lambda: [])
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # the control-plane lock: every change to what serves holds it
         self._patches: dict[str, dict[int, LoadedPatch]] = {}
         self._rejections: dict[str, Rejection] = {}
         self.listeners: list[RegistryListener] = []
@@ -101,19 +105,20 @@ class PatchRegistry:
 
         Raises:
             PatchRejected: The file was refused; nothing that is serving changed.
+            StateError: The ledger could not be written; nothing changed.
         """
         started = time.perf_counter()
         patch = self._read(path)
         self._admit(patch, path.name, started)
         return patch
 
-    def load_bytes(self, data: bytes, persist: Callable[[Patch], str]) -> Patch:
-        """Verify uploaded bytes and publish them. ``persist`` runs after every check and before
-        publishing (it writes the file and returns its name, the entry's source), so a refused upload
-        writes nothing.
+    def load_bytes(self, data: bytes, directory: Path) -> Patch:
+        """Verify uploaded bytes, record them in the ledger, write them to ``directory`` as
+        ``<name>-v<version>.safetensors`` and publish them, as one step. A refused upload writes nothing.
 
         Raises:
             PatchRejected: Refused; nothing changed.
+            StateError: The ledger or the file could not be written; nothing changed.
         """
         started = time.perf_counter()
         try:
@@ -121,11 +126,15 @@ class PatchRegistry:
         except PatchRejected as exc:
             self._reject("upload", exc)
             raise
-        self._admit(patch, "upload", started, persist)
+        self._admit(patch, f"{patch.name}-v{patch.version}.safetensors", started, (directory, data))
         return patch
 
     def load_dir(self, directory: Path) -> list[Patch]:
-        """Load every ``*.safetensors`` file in ``directory``, oldest version first; refusals are skipped."""
+        """Load every ``*.safetensors`` file in ``directory``, oldest version first; refusals are skipped.
+
+        Raises:
+            StateError: The ledger cannot be written (start-up must not go on without it).
+        """
         read = []
         for path in sorted(directory.glob("*.safetensors")):
             if path.name.startswith("."):  # temporary files of atomic writes
@@ -146,7 +155,7 @@ class PatchRegistry:
 
     def _read(self, path: Path) -> Patch:
         try:
-            return self._loader(path.read_bytes())
+            return self._loader(read_regular_file(path))
         except PatchRejected as exc:
             self._reject(path.name, exc)
             raise
@@ -159,39 +168,46 @@ class PatchRegistry:
             self._reject(path.name, rejected)
             raise rejected from exc
 
-    def _admit(self, patch: Patch, source: str, started: float, persist: Callable[[Patch], str] | None = None) -> None:
-        try:
-            self.guard.check(patch.name, patch.version, patch.digest)
-        except PatchRejected as exc:
-            self._reject(source, exc)
-            raise
-        if persist is not None:
-            source = persist(patch)
-        self._publish(patch, source, started)
-
-    def _publish(self, patch: Patch, source: str, started: float) -> None:
-        entry = LoadedPatch(patch=patch, source=source, loaded_at=time.time())
-        with self._lock:
+    def _admit(self, patch: Patch, source: str, started: float, upload: tuple[Path, bytes] | None = None) -> None:
+        """Check, record, persist and publish under the control-plane lock: the ledger moves only when
+        its write succeeded, and memory only when the ledger (and the upload's file) did."""
+        with self.lock:
             current = self._patches.get(patch.name, {}).get(patch.version)
-            if current is not None and current.patch.digest == patch.digest:
+            same = current is not None and current.patch.digest == patch.digest
+            if same and (upload is None or (upload[0] / source).is_file()):
                 self._rejections.pop(source, None)
                 return
             snapshot = {name: dict(versions) for name, versions in self._patches.items()}
             superseded = [
-                (name, version)
-                for name, versions in snapshot.items()
-                for version, old in versions.items()
-                if old.source == source and (name, version) != (patch.name, patch.version)
+                old
+                for versions in snapshot.values()
+                for old in versions.values()
+                if old.source == source and (old.patch.name, old.patch.version) != (patch.name, patch.version)
             ]
+            entry = LoadedPatch(patch=patch, source=source, loaded_at=time.time())
             snapshot.setdefault(patch.name, {})[patch.version] = entry
-            for name, version in superseded:
-                if self._blocking(self._without(snapshot, name, version)):
+            retired = []
+            for old in superseded:
+                after = self._without(snapshot, old.patch.name, old.patch.version)
+                if self._blocking(after, snapshot):
                     continue  # pinned by a tenant: stays in memory although its file changed
-                del snapshot[name][version]
-                if not snapshot[name]:
-                    del snapshot[name]
-                self.guard.retire(name, version)
-            self.guard.accept(patch.name, patch.version, patch.digest)
+                snapshot = after
+                retired.append((old.patch.name, old.patch.version, old.patch.digest))
+            tmp = self._stage(upload, source) if upload is not None else None
+            try:
+                self.ledger.admit(patch.name, patch.version, patch.digest, retire=retired)
+                if tmp is not None:
+                    tmp.replace(tmp.with_name(source))
+            except PatchRejected as exc:
+                self._reject("upload" if upload else source, exc)
+                raise
+            except (StateError, OSError) as exc:
+                error = exc if isinstance(exc, StateError) else StateError(f"cannot write {source}: {exc.strerror}")
+                self._failed("upload" if upload else source, error)
+                raise error from exc
+            finally:
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
             self._patches = snapshot
             self._rejections.pop(source, None)
         log.info("patch %s loaded from %s (%s)", patch.ref, source, patch.digest[:19])
@@ -199,13 +215,30 @@ class PatchRegistry:
         for listener in self.listeners:
             listener.published(patch, seconds)
 
+    def _stage(self, upload: tuple[Path, bytes], source: str) -> Path:
+        """Write an upload to a hidden temporary file beside its final name (renamed once admitted)."""
+        directory, data = upload
+        tmp = directory / f".{source}.{os.getpid()}.{uuid.uuid4().hex[:8]}.upload"
+        try:
+            tmp.write_bytes(data)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            error = StateError(f"cannot write {source} to the patch directory: {exc.strerror}")
+            self._failed("upload", error)
+            raise error from exc
+        return tmp
+
+    def _failed(self, source: str, exc: PatchError) -> None:
+        log.error("patch change from %s failed, nothing changed: %s", source, exc)
+        self.notify_rejected("state_write")
+
     def _reject(self, source: str, exc: PatchRejected) -> None:
-        with self._lock:
+        with self.lock:
             self._rejections[source] = Rejection(source=source, reason=str(exc.reason), message=str(exc))
         log.warning("patch file %s refused (%s): %s", source, exc.reason, exc)
-        self._notify_rejected(exc.reason)
+        self.notify_rejected(exc.reason)
 
-    def _notify_rejected(self, reason: str) -> None:
+    def notify_rejected(self, reason: str) -> None:
         for listener in self.listeners:
             listener.rejected(str(reason))
 
@@ -216,87 +249,130 @@ class PatchRegistry:
         out.get(name, {}).pop(version, None)
         return {n: v for n, v in out.items() if v}
 
-    def _blocking(self, snapshot: Snapshot) -> list[str]:
+    def _blocking(self, after: Snapshot, before: Snapshot | None = None) -> list[str]:
+        """Tenants whose default stack would not resolve in ``after``, or (given ``before``) would
+        resolve to other content than in ``before``: only publishing and rollback change what serves."""
         blocked = []
         for tenant, refs in self.pinned():
             try:
-                _resolve(snapshot, refs)
+                now = [e.patch.digest for e in _resolve(after, refs)]
             except PatchNotFound:
                 blocked.append(tenant)
+                continue
+            if before is not None:
+                try:
+                    was = [e.patch.digest for e in _resolve(before, refs)]
+                except PatchNotFound:
+                    continue
+                if now != was:
+                    blocked.append(tenant)
         return blocked
 
     def unload(self, name: str, version: int, *, source: str | None = None) -> Patch:
         """Unload ``name@version`` and retire it (it cannot come back below the version floor).
 
+        An operator unload (``source`` None) may not change what any tenant's default stack serves:
+        unloading the newest version of a name a tenant follows would fall back to an older one, which
+        is a rollback and must use :meth:`roll_back`. A removed file (``source`` given: the directory is
+        the truth, as after a restart) may fall back, with a warning naming the tenants.
+
         Raises:
             PatchNotFound: Not loaded.
-            PatchRejected: ``in_use`` when a tenant's default stack needs it.
+            PatchRejected: ``in_use`` when a default stack would no longer resolve, or (operator
+                unload) would resolve to other content.
+            StateError: The ledger could not be written; nothing changed.
         """
-        with self._lock:
+        with self.lock:
             entry = self._patches.get(name, {}).get(version)
             if entry is None:
                 raise PatchNotFound(f"patch {name}@{version} is not loaded")
             after = self._without(self._patches, name, version)
-            blocked = self._blocking(after)
-            if blocked:
+            broken = self._blocking(after)
+            moved = [t for t in self._blocking(after, self._patches) if t not in broken]
+            if broken or (moved and source is None):
                 exc = PatchRejected(
                     RejectReason.in_use,
-                    f"patch {name}@{version} is still needed by the default stack of tenant(s) {', '.join(blocked)}",
+                    f"patch {name}@{version} is served by the default stack of tenant(s) "
+                    f"{', '.join(broken or moved)}; publish a new version"
+                    + (", or use the rollback API to go back to an older one" if not broken else ""),
                 )
                 self._rejections[source or entry.source] = Rejection(entry.source, str(exc.reason), str(exc))
                 log.warning("unload of %s@%s refused: %s", name, version, exc)
-            else:
-                exc = None
-                self._patches = after
-                self.guard.retire(name, version)
-        if exc is not None:
-            self._notify_rejected(exc.reason)
-            raise exc
+                self.notify_rejected(exc.reason)
+                raise exc
+            self.ledger.retire(name, version, entry.patch.digest)
+            self._patches = after
+        if moved:
+            log.warning("file of %s@%s removed: tenant(s) %s fall back to an older version", name, version, moved)
         log.info("patch %s@%s unloaded", name, version)
         return entry.patch
 
     def unload_source(self, source: str) -> list[Patch]:
         """Unload what was loaded from file ``source`` (the file was removed)."""
-        entries = [e for e in self.entries() if e.source == source]
-        self._rejections.pop(source, None)
-        return [self.unload(e.patch.name, e.patch.version, source=source) for e in entries]
+        with self.lock:
+            entries = [e for e in self.entries() if e.source == source]
+            self._rejections.pop(source, None)
+            return [self.unload(e.patch.name, e.patch.version, source=source) for e in entries]
 
-    def purge(self, condemned: Callable[[Patch], str | None]) -> list[Patch]:
-        """Force-unload every patch for which ``condemned`` gives a reason (a revocation), even one a
-        tenant's default stack pins: revocation fails closed, and that tenant gets 503 until fixed.
-        """
+    def purge(
+        self, condemned: Callable[[Patch], str | None], reason: RejectReason = RejectReason.revoked
+    ) -> list[Patch]:
+        """Force-unload every patch for which ``condemned`` gives a reason (a revocation or another
+        replica's rollback), even one a tenant's default stack pins: this fails closed, and that tenant
+        gets 503 until fixed. Purged versions are not retired: the ledger or revocation list already
+        refuses them."""
         purged = []
-        with self._lock:
+        with self.lock:
             snapshot = {name: dict(versions) for name, versions in self._patches.items()}
-            for name, versions in list(snapshot.items()):
+            for versions in snapshot.values():
                 for version, entry in list(versions.items()):
-                    reason = condemned(entry.patch)
-                    if reason is None:
+                    why = condemned(entry.patch)
+                    if why is None:
                         continue
                     del versions[version]
-                    self.guard.retire(name, version)
-                    self._rejections[entry.source] = Rejection(entry.source, str(RejectReason.revoked), reason)
+                    self._rejections[entry.source] = Rejection(entry.source, str(reason), why)
                     purged.append(entry.patch)
-                    log.warning("patch %s unloaded: %s", entry.patch.ref, reason)
+                    log.warning("patch %s unloaded: %s", entry.patch.ref, why)
             self._patches = {name: versions for name, versions in snapshot.items() if versions}
         for _ in purged:
-            self._notify_rejected(RejectReason.revoked)
+            self.notify_rejected(reason)
         return purged
 
+    def sync(self) -> list[Patch]:
+        """Re-read the shared ledger (other replicas' changes) and unload what it now withdraws.
+
+        Raises:
+            StateError: The ledger cannot be read; the last good state stays in force.
+        """
+        with self.lock:
+            self.ledger.refresh()
+            withdrawn = self.ledger.withdrawn()
+            return self.purge(
+                lambda p: f"patch {p.ref} was withdrawn by an operator rollback" if p.digest in withdrawn else None,
+                RejectReason.rollback,
+            )
+
     def roll_back(self, name: str, version: int) -> list[Patch]:
-        """Operator rollback: lower the floor to ``version`` and unload every newer loaded version.
+        """Operator rollback: withdraw every version above ``version`` in the ledger and unload them.
 
         Raises:
             PatchNotFound: ``name@version`` is not loaded (roll back only to something that serves).
-            PatchRejected: ``in_use`` when a newer version is pinned by a tenant's default stack.
+            PatchRejected: ``in_use`` when a newer version is pinned exactly by a tenant's default stack.
+            StateError: The ledger could not be written; nothing changed.
         """
-        self.resolve(PatchRef(name, version))
-        newer = sorted(v for v in self._patches.get(name, {}) if v > version)
-        for v in newer:
-            if self._blocking(self._without(self._patches, name, v)):
-                raise PatchRejected(RejectReason.in_use, f"patch {name}@{v} is pinned by a tenant's default stack")
-        self.guard.roll_back(name, version)
-        return [self.unload(name, v) for v in newer]
+        with self.lock:
+            self.resolve(PatchRef(name, version))
+            after = self._patches
+            for v in sorted(v for v in self._patches.get(name, {}) if v > version):
+                after = self._without(after, name, v)
+                if self._blocking(after):
+                    raise PatchRejected(RejectReason.in_use, f"patch {name}@{v} is pinned by a tenant's default stack")
+            withdrawn = set(self.ledger.roll_back(name, version))
+            newer = [e.patch for e in self.entries() if e.patch.name == name and e.patch.version > version]
+            self._patches = after
+        for patch in newer:
+            log.info("patch %s unloaded by rollback (withdrawn: %s)", patch.ref, patch.digest in withdrawn)
+        return newer
 
     # -- resolution ------------------------------------------------------------------------------
     def resolve(self, ref: PatchRef) -> Patch:
@@ -317,7 +393,7 @@ class PatchRegistry:
         return [snapshot[n][v] for n in sorted(snapshot) for v in sorted(snapshot[n])]
 
     def rejections(self) -> list[Rejection]:
-        with self._lock:
+        with self.lock:
             return sorted(self._rejections.values(), key=lambda r: r.source)
 
     def names(self) -> set[str]:

@@ -1,18 +1,15 @@
-"""The admin service behind ``/admin``: list, upload, unload and roll back patches; reload tenants."""
+"""The admin service behind ``/admin``: the listing, and operator changes handed to the control plane."""
 
 from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from pathlib import Path
 
 from pydantic import BaseModel
 
 from patches.errors import PatchNotFound
-from patches.format import Patch, write_atomic
-from patches.registry import LoadedPatch, PatchRegistry
-from server.tenancy import TenantResolver
-from server.watcher import PatchWatcher
+from patches.registry import LoadedPatch
+from server.control import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +37,8 @@ class AdminListing(BaseModel):
     rejections: list[AdminRejection]
     tenant_config_error: str | None = None
     version_floors: dict[str, int]
+    state_serial: int
+    state_error: str | None = None
 
 
 def _iso(ts: float) -> str:
@@ -47,20 +46,16 @@ def _iso(ts: float) -> str:
 
 
 class AdminService:
-    """Operator actions on the registry; every change is logged.
+    """Operator actions: every change goes through the control plane, and is logged there.
 
     Args:
-        registry: Loaded patches.
-        resolver: Tenant configuration (to show which tenants use a patch).
-        watcher: Applies tenant-file reloads.
-        patch_dir: Where uploads are written, so they survive restarts and reach other replicas.
+        control: The one writer of registry, tenant and ledger state.
     """
 
-    def __init__(self, registry: PatchRegistry, resolver: TenantResolver, watcher: PatchWatcher, patch_dir: Path):
-        self.registry = registry
-        self.resolver = resolver
-        self.watcher = watcher
-        self.patch_dir = patch_dir
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+        self.registry = control.registry
+        self.resolver = control.resolver
 
     def _users(self, entry: LoadedPatch) -> list[str]:
         users = []
@@ -95,39 +90,24 @@ class AdminService:
                 for r in self.registry.rejections()
             ],
             tenant_config_error=self.resolver.config_error,
-            version_floors={name: self.registry.guard.floor(name) for name in sorted(self.registry.names())},
+            version_floors={name: self.registry.ledger.floor(name) for name in sorted(self.registry.names())},
+            state_serial=self.registry.ledger.serial,
+            state_error=self.registry.ledger.error,
         )
 
     def upload(self, data: bytes) -> AdminPatch:
         """Verify an uploaded patch file, write it to the patch directory and publish it."""
-
-        def persist(patch: Patch) -> str:
-            return write_atomic(self.patch_dir / f"{patch.name}-v{patch.version}.safetensors", data).name
-
-        patch = self.registry.load_bytes(data, persist)
-        log.info("ADMIN upload: %s (%s)", patch.ref, patch.digest)
+        patch = self.control.upload(data)
         return next(self._info(e) for e in self.registry.entries() if e.patch.digest == patch.digest)
 
     def unload(self, name: str, version: int) -> None:
         """Unload a version and delete its file (so neither a restart nor the watcher brings it back)."""
-        entry = next((e for e in self.registry.entries() if (e.patch.name, e.patch.version) == (name, version)), None)
-        self.registry.unload(name, version)
-        if entry is not None and entry.source.endswith(".safetensors"):
-            (self.patch_dir / entry.source).unlink(missing_ok=True)
-        log.info("ADMIN unload: %s@%s", name, version)
+        self.control.unload(name, version)
 
     def roll_back(self, name: str, version: int) -> list[str]:
         """Explicit operator rollback to ``name@version``; newer versions are unloaded and withdrawn."""
-        unloaded = self.registry.roll_back(name, version)
-        log.warning(
-            "ADMIN rollback: %s to version %s (withdrawn: %s)",
-            name,
-            version,
-            ", ".join(p.ref for p in unloaded) or "none",
-        )
-        return [p.ref for p in unloaded]
+        return self.control.roll_back(name, version)
 
     def reload_tenants(self) -> str | None:
         """Re-read the tenant file; returns the refusal reason, or None when it was applied."""
-        self.watcher.reload_tenants()
-        return self.resolver.config_error
+        return self.control.reload_tenants()

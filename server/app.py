@@ -16,19 +16,22 @@ from fastapi import FastAPI
 from patches.basemodel import DEFAULT_MODEL_NAME, prepare_default_model
 from patches.fingerprint import model_spec
 from patches.registry import PatchRegistry
-from patches.rollback import VersionGuard
+from patches.rollback import VersionLedger
 from patches.signing import Verifier
 from patches.tenants import hash_api_key, load_tenants
 from patches.trust import Revocations, TrustStore
 from server.admin import AdminService
+from server.control import ControlPlane
 from server.engine import TUNABLES, Engine, EngineConfig, VllmEngine
 from server.errors import install_handlers
+from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics, MetricsMiddleware
 from server.overhead import OverheadSampler
 from server.prompting import PromptEncoder
 from server.routes import admin, chat, completions, health, metrics, models
 from server.serving import CompletionService
 from server.settings import Settings
+from server.supervisor import Supervisor
 from server.tenancy import TenantResolver
 from server.watcher import PatchWatcher
 
@@ -50,31 +53,40 @@ def _load_patches_and_tenants(app: FastAPI, settings: Settings, model_dir: Path)
     trust = TrustStore.load(settings.trust_dir) if settings.trust_dir else TrustStore()
     verifier = Verifier(trust, Revocations.load(settings.revocations_file), allow_unsigned=settings.allow_unsigned)
     settings.patch_dir.mkdir(parents=True, exist_ok=True)
-    registry = PatchRegistry(partial(verifier.verify, expect=spec), VersionGuard(settings.state_dir / "versions.json"))
+    ledger = VersionLedger(settings.state_dir / "versions.json")  # refuses a corrupt file: never a silent reset
+    registry = PatchRegistry(partial(verifier.verify, expect=spec), ledger)
     tenants = load_tenants(settings.tenants_file)
-    if settings.admin_token is not None:
-        admin_hash = hash_api_key(settings.admin_token.get_secret_value())
-        if any(admin_hash in t.api_keys for t in tenants.tenants):
-            raise ValueError("the admin token is also a tenant API key; the admin API must never accept tenant keys")
     encoder = PromptEncoder(model_dir, settings.separator)
     resolver = TenantResolver(
         tenants, registry, separator_id=encoder.separator_id, dtype=getattr(torch, settings.dtype)
     )
+    admin_token = settings.admin_token
+    control = ControlPlane(
+        registry,
+        resolver,
+        patch_dir=settings.patch_dir,
+        tenants_file=settings.tenants_file,
+        verifier=verifier,
+        revocations_file=settings.revocations_file,
+        admin_key_hash=hash_api_key(admin_token.get_secret_value()) if admin_token is not None else None,
+        dev_mode=settings.dev_mode,
+    )
+    control.check_tenants(tenants, at_start=True)
     registry.pinned = resolver.pinned
     registry.listeners.append(app.state.metrics)
     app.state.metrics.watch_registry(lambda: [entry.patch for entry in registry.entries()])
     registry.load_dir(settings.patch_dir)
-    revocations = (verifier, settings.revocations_file) if settings.revocations_file else None
-    watcher = PatchWatcher(registry, resolver, settings.patch_dir, settings.tenants_file, revocations)
     state = app.state
-    state.spec, state.registry, state.encoder, state.resolver, state.watcher = (
-        spec,
-        registry,
-        encoder,
-        resolver,
-        watcher,
-    )
-    state.admin = AdminService(registry, resolver, watcher, settings.patch_dir)
+    state.spec, state.registry, state.encoder, state.resolver = spec, registry, encoder, resolver
+    state.control, state.watcher, state.admin = control, PatchWatcher(control), AdminService(control)
+
+
+def _start_background(app: FastAPI, settings: Settings) -> None:
+    supervisor: Supervisor = app.state.supervisor
+    control: ControlPlane = app.state.control
+    if settings.watch:
+        supervisor.run("watcher", lambda: app.state.watcher.run(app.state.stop, polling=settings.watch_polling))
+    supervisor.every("state-sync", settings.state_sync_seconds, lambda: asyncio.to_thread(control.sync_state))
 
 
 async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
@@ -83,10 +95,7 @@ async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
         model_dir, name = await asyncio.to_thread(_model_dir, settings)
         app.state.model_name = name
         await asyncio.to_thread(_load_patches_and_tenants, app, settings, model_dir)
-        if settings.watch:
-            app.state.watch_task = asyncio.create_task(
-                app.state.watcher.run(app.state.stop, polling=settings.watch_polling)
-            )
+        _start_background(app, settings)
         config = EngineConfig(model_dir=model_dir, served_model_name=name, **settings.model_dump(include=set(TUNABLES)))
         engine = app.state.engine = await engine_factory(config)
         app.state.sampler = OverheadSampler(
@@ -106,6 +115,7 @@ async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.stop = asyncio.Event()
+    app.state.supervisor = Supervisor(app.state.metrics, app.state.stop)
     task = asyncio.create_task(_start(app, app.state.engine_factory))
     try:
         yield
@@ -114,9 +124,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        if app.state.watch_task is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(app.state.watch_task, timeout=5)
+        await app.state.supervisor.close()
         if app.state.sampler is not None:
             await app.state.sampler.close()
         if app.state.engine is not None:
@@ -136,9 +144,11 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     state.settings = settings or Settings()
     state.engine_factory = engine_factory or VllmEngine.start
     state.model_name = state.settings.served_model_name or DEFAULT_MODEL_NAME
-    state.engine = state.service = state.resolver = state.registry = state.admin = state.watch_task = None
+    state.engine = state.service = state.resolver = state.registry = state.admin = state.control = None
+    state.supervisor = None
     state.sampler = state.startup_error = None
     state.metrics = Metrics(max_stacks=state.settings.metrics_max_stacks)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     install_handlers(app)
     for module in (chat, completions, models, health, metrics, admin):

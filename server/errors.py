@@ -9,7 +9,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from patches.errors import PatchError, PatchNotFound, PatchRejected, RejectReason, StackError, TenantConfigError
+from patches.errors import (
+    PatchError,
+    PatchNotFound,
+    PatchRejected,
+    RejectReason,
+    StackError,
+    StateError,
+    TenantConfigError,
+)
 from server.engine import EngineRequestError, EngineUnavailable
 from server.protocol import ErrorInfo, ErrorResponse
 
@@ -43,6 +51,7 @@ _TYPES = {
 _STATUS: list[tuple[type[BaseException], int]] = [
     (APIError, 0),  # carries its own status
     (StackError, 400),
+    (StateError, 503),  # the shared state or patch volume cannot be written: nothing changed
     (PatchNotFound, 404),  # like OpenAI's unknown model
     (PatchRejected, 400),
     (TenantConfigError, 400),

@@ -36,6 +36,11 @@ ITL_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.
 SWAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+# Control-plane failures counted beside the patch refusals: a ledger or patch-file write that failed,
+# a refused tenant-file reload, an unreadable revocation list.
+CONTROL_FAILURES = ("state_write", "tenant_config", "revocations")
+
+
 class _PatchInfoCollector(Collector):
     """``patchserve_patch_info`` and ``patchserve_patches_loaded``, read from the registry at scrape time
     (so an unloaded version disappears at once instead of lingering as a stale series)."""
@@ -117,6 +122,9 @@ class Metrics:
             phase,
             registry=r,
         )
+        self.overhead_failures = Counter(
+            "patchserve_overhead_replay_failures", "Shadow replays that failed (each loses one sample).", registry=r
+        )
         self.overhead_ratio = Gauge(
             "patchserve_latency_overhead_ratio",
             "Patched / unpatched latency - 1 over the recent shadow samples.",
@@ -126,8 +134,18 @@ class Metrics:
         self.load_failures = Counter(
             "patchserve_patch_load_failures", "Patch files or operations refused.", ["reason"], registry=r
         )
-        for reason in RejectReason:  # every series exists from the start, so increase() sees the first failure
+        # every series exists from the start, so increase() sees the first failure
+        for reason in [*RejectReason, *CONTROL_FAILURES]:
             self.load_failures.labels(str(reason))
+        self.task_failures = Counter(
+            "patchserve_background_task_failures",
+            "Background task crashes (each is logged and the task restarted).",
+            ["task"],
+            registry=r,
+        )
+        self.task_up = Gauge(
+            "patchserve_background_task_up", "1 while a background task runs healthily, else 0.", ["task"], registry=r
+        )
         self.swaps = Counter(
             "patchserve_patch_swaps", "Patch versions made live (start-up loads included).", ["patch"], registry=r
         )

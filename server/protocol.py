@@ -14,6 +14,16 @@ from server.engine import SamplingSpec
 log = logging.getLogger(__name__)
 
 
+def valid_text(value: str) -> str:
+    """``value`` if it is valid Unicode text. JSON's ``\\uD800`` escapes decode to lone surrogates,
+    which no tokenizer or engine can encode; refusing them here covers every path (400, not 500)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"invalid text: lone surrogate at character {exc.start} (not valid Unicode)") from None
+    return value
+
+
 class OpenAIModel(BaseModel):
     """Base of every wire model: unknown fields are accepted (OpenAI clients send extras) and logged."""
 
@@ -68,6 +78,8 @@ class SamplingRequest(OpenAIModel):
         items = [stop] if isinstance(stop, str) else (stop or [])
         if len(items) > 4 or any(not s for s in items):
             raise ValueError("stop takes up to 4 non-empty strings")
+        for item in items:
+            valid_text(item)
         return stop
 
     @property
@@ -103,6 +115,13 @@ class ChatMessage(OpenAIModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("content", "name")
+    @classmethod
+    def _valid_text(cls, value: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        for text in [p.text for p in value] if isinstance(value, list) else [value or ""]:
+            valid_text(text)
+        return value
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
@@ -128,8 +147,8 @@ class CompletionRequest(SamplingRequest):
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise ValueError("batched prompts are not supported; send one prompt per request")
-            return prompt[0]  # type: ignore[return-value]
-        return prompt  # type: ignore[return-value]
+            prompt = prompt[0]
+        return valid_text(prompt) if isinstance(prompt, str) else prompt  # type: ignore[return-value]
 
 
 class Usage(OpenAIModel):

@@ -6,6 +6,7 @@ that endpoint's wire objects.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -168,7 +169,8 @@ class CompletionService:
         self, request: ChatCompletionRequest, stack: ResolvedStack
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         """Create a chat completion (a response, or SSE frames when ``stream`` is set)."""
-        prompt_ids = self.encoder.chat(request.messages)
+        self._check_chars(sum(len(m.text()) for m in request.messages), "messages")
+        prompt_ids = await asyncio.to_thread(self.encoder.chat, request.messages)
         return await self._run(request, stack, prompt_ids, _ChatShaper(self.model_name), "messages")
 
     async def complete(
@@ -178,15 +180,36 @@ class CompletionService:
         if request.suffix:
             raise APIError(400, "suffix is not supported by this model", param="suffix")
         if isinstance(request.prompt, str):
-            prompt_ids = self.encoder.encode(request.prompt)
+            self._check_chars(len(request.prompt), "prompt")
+            prompt_ids = await asyncio.to_thread(self.encoder.encode, request.prompt)
             echo_text = request.prompt
         else:
             prompt_ids = list(request.prompt)  # type: ignore[arg-type]
+            if len(prompt_ids) >= self.engine.max_model_len:
+                raise self._too_long(f"The prompt has {len(prompt_ids)} tokens, leaving no room for output.", "prompt")
             if any(not 0 <= t < self.encoder.vocab_size for t in prompt_ids):
                 raise APIError(400, f"prompt token ids must be in [0, {self.encoder.vocab_size})", param="prompt")
-            echo_text = self.encoder.tokenizer.decode(prompt_ids)
+            echo_text = await asyncio.to_thread(self.encoder.decode, prompt_ids) if request.echo else ""
         shaper = _CompletionShaper(self.model_name, echo_text if request.echo else "")
         return await self._run(request, stack, prompt_ids, shaper, "prompt")
+
+    def _too_long(self, detail: str, param: str) -> APIError:
+        return APIError(
+            400,
+            f"This model's maximum context length is {self.engine.max_model_len} tokens. {detail}",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+    def _check_chars(self, chars: int, param: str) -> None:
+        """Refuse, before tokenising, a prompt text too long to fit in the context whatever its tokens."""
+        limit = self.encoder.max_chars(self.engine.max_model_len)
+        if chars > limit:
+            raise self._too_long(
+                f"The prompt has {chars} characters; no token of this model is longer than "
+                f"{self.encoder.max_token_chars}, so a prompt over {limit} characters cannot fit.",
+                param,
+            )
 
     def _engine_request(
         self, request: SamplingRequest, stack: ResolvedStack, prompt_ids: list[int], prompt_param: str
@@ -197,12 +220,10 @@ class CompletionService:
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param=prompt_param)
         if total >= max_len:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {max_len} tokens. The prompt has {total} tokens "
-                f"({len(prompt_ids)} prompt + {patch_len} patch), leaving no room for output.",
-                param=prompt_param,
-                code="context_length_exceeded",
+            raise self._too_long(
+                f"The prompt has {total} tokens ({len(prompt_ids)} prompt + {patch_len} patch), "
+                "leaving no room for output.",
+                prompt_param,
             )
         room = max_len - total
         wanted = request.requested_max_tokens()

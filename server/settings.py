@@ -46,8 +46,14 @@ class Settings(BaseSettings):
     )
     enforce_eager: bool = Field(False, description="Skip graph compilation: ~4x faster start, ~5% slower.")
     max_patch_tokens: int = Field(256, ge=1, description="Most virtual tokens one patch may carry.")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest API request body; larger is refused (413) as it streams in."
+    )
+    max_upload_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest admin patch upload; larger is refused (413) as it streams in."
+    )
     separator: str = Field("\n", description="Text of the single token placed between stacked patches.")
-    state_dir: Path = Field(Path("var/state"), description="Persistent state: rollback high-water marks.")
+    state_dir: Path = Field(Path("var/state"), description="Shared state (all replicas): the version ledger.")
     trust_dir: Path | None = Field(None, description="Directory of trusted Ed25519 public keys (*.pub).")
     revocations_file: Path | None = Field(None, description="YAML list of revoked key ids and patch digests.")
     allow_unsigned: bool = Field(False, description="Accept unsigned patch files (development only).")
@@ -55,6 +61,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="Bearer token of the /admin API; unset = disabled.")
     watch: bool = Field(True, description="Watch the patch directory and tenant file for changes.")
     watch_polling: bool = Field(False, description="Poll instead of inotify (network volumes).")
+    state_sync_seconds: float = Field(
+        2.0, gt=0, description="How often the shared version ledger is re-read (other replicas' rollbacks)."
+    )
     overhead_sample_rate: float = Field(
         0.01, ge=0, le=1, description="Share of patched requests replayed with and without the patch (overhead)."
     )

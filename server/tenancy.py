@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from patches.errors import PatchNotFound
+from patches.errors import PatchError, PatchNotFound
 from patches.format import Patch
 from patches.registry import PatchRegistry
 from patches.stack import Layout, PatchRef, compose_stack, parse_stack
@@ -63,12 +64,25 @@ class TenantResolver:
         self._separator_id = separator_id
         self._dtype = dtype
         self._layouts: OrderedDict[tuple[str, ...], Layout | None] = OrderedDict()
+        self._layouts_lock = threading.Lock()  # resolve() runs in request threads and the watcher's
         self.config_error: str | None = None
 
     def replace_config(self, config: TenantConfig) -> None:
         """Swap in a new tenant file (requests already admitted keep their stacks)."""
         self.config = config
         self.config_error = None
+
+    def unservable(self, config: TenantConfig | None = None) -> list[str]:
+        """Why each tenant of ``config`` (default: the current one) cannot be served its default stack:
+        the one check behind ``/readyz`` and tenant-file reloads (the registry checks planned unloads
+        against :meth:`pinned` itself, on the snapshot it is about to publish)."""
+        problems = []
+        for tenant in (config or self.config).tenants:
+            try:
+                self.resolve(tenant, None)
+            except (PatchError, APIError) as exc:
+                problems.append(f"tenant {tenant.id}: {exc}")
+        return problems
 
     def pinned(self) -> list[tuple[str, list[PatchRef]]]:
         """Every tenant's default stack: what the registry must not unload."""
@@ -147,13 +161,18 @@ class TenantResolver:
         )
 
     def _layout(self, patches: list[Patch], key: tuple[str, ...]) -> Layout | None:
-        if key in self._layouts:
-            self._layouts.move_to_end(key)
-            return self._layouts[key]
-        layout = compose_stack(patches, separator_id=self._separator_id)
+        with self._layouts_lock:
+            if key in self._layouts:
+                self._layouts.move_to_end(key)
+                return self._layouts[key]
+        layout = compose_stack(patches, separator_id=self._separator_id)  # outside the lock: may be slow
         if layout is not None:
             layout = layout.to(self._dtype)
-        self._layouts[key] = layout
-        if len(self._layouts) > _LAYOUT_CACHE_SIZE:
-            self._layouts.popitem(last=False)
+        with self._layouts_lock:
+            if key in self._layouts:  # another thread composed it meanwhile: keep one object per stack
+                self._layouts.move_to_end(key)
+                return self._layouts[key]
+            self._layouts[key] = layout
+            if len(self._layouts) > _LAYOUT_CACHE_SIZE:
+                self._layouts.popitem(last=False)
         return layout

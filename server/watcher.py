@@ -14,14 +14,7 @@ from pathlib import Path
 
 from watchfiles import Change, awatch
 
-from patches.errors import PatchError
-from patches.format import Patch
-from patches.registry import PatchRegistry
-from patches.signing import Verifier
-from patches.tenants import load_tenants
-from patches.trust import Revocations
-from server.errors import APIError
-from server.tenancy import TenantResolver
+from server.control import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -30,29 +23,18 @@ _CONFIGMAP_SWAP = "..data"
 
 
 class PatchWatcher:
-    """Applies file-system changes to the registry and the tenant resolver.
+    """Turns file-system changes into control-plane changes.
 
     Args:
-        registry: Loaded patches.
-        resolver: Holds the tenant configuration.
-        patch_dir: Watched for ``*.safetensors`` files.
-        tenants_file: Watched (through its directory) for changes.
+        control: Applies every change (the one writer).
     """
 
-    def __init__(
-        self,
-        registry: PatchRegistry,
-        resolver: TenantResolver,
-        patch_dir: Path,
-        tenants_file: Path,
-        revocations: tuple[Verifier, Path] | None = None,
-    ) -> None:
-        self.registry = registry
-        self.resolver = resolver
-        self.patch_dir = patch_dir.resolve()
-        self.tenants_file = tenants_file.resolve()
-        self.verifier, revocations_file = revocations or (None, None)
-        self.revocations_file = revocations_file.resolve() if revocations_file else None
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+        self.patch_dir = control.patch_dir.resolve()
+        self.tenants_file = control.tenants_file.resolve()
+        rev = control.revocations_file if control.verifier is not None else None
+        self.revocations_file = rev.resolve() if rev else None
 
     def relevant(self, _change: Change, raw: str) -> bool:
         """Only our files: patch files, the tenant file, the revocation list (and ConfigMap swaps)."""
@@ -68,65 +50,27 @@ class PatchWatcher:
     def apply(self, changes: set[tuple[Change, str]]) -> None:
         """Apply one batch of changes (blocking; run it in a thread)."""
         reload_tenants = reload_revocations = False
-        for change, raw in sorted(changes, key=lambda c: c[1]):
+        for _change, raw in sorted(changes, key=lambda c: c[1]):
             path = Path(raw)
             if path.parent == self.tenants_file.parent and path.name in (self.tenants_file.name, _CONFIGMAP_SWAP):
                 reload_tenants = True
             rev = self.revocations_file
             if rev is not None and path.parent == rev.parent and path.name in (rev.name, _CONFIGMAP_SWAP):
                 reload_revocations = True
-            if path.parent != self.patch_dir or path.suffix != ".safetensors" or path.name.startswith("."):
-                continue
-            try:
-                if change == Change.deleted or not path.exists():
-                    self.registry.unload_source(path.name)
-                else:
-                    self.registry.load_file(path)
-            except PatchError:
-                continue  # recorded by the registry with its reason; the previous state serves on
+            if path.parent == self.patch_dir and path.suffix == ".safetensors" and not path.name.startswith("."):
+                self.control.file_changed(path)
         if reload_revocations:
-            self.reload_revocations()
+            self.control.reload_revocations()
         if reload_tenants:
-            self.reload_tenants()
-
-    def reload_revocations(self) -> None:
-        """Re-read the revocation list and unload every loaded patch it now revokes."""
-        if self.verifier is None or self.revocations_file is None:
-            return
-        try:
-            revocations = Revocations.load(self.revocations_file)
-        except (OSError, ValueError) as exc:
-            log.error("revocation list unreadable, previous list stays in force: %s", exc)
-            return
-        self.verifier.revocations = revocations
-
-        def condemned(patch: Patch) -> str | None:
-            if revocations.is_patch_revoked(patch.digest):
-                return f"patch {patch.ref} ({patch.digest}) was revoked"
-            if patch.meta.signer is not None and revocations.is_key_revoked(patch.meta.signer):
-                return f"patch {patch.ref} is signed by revoked key {patch.meta.signer}"
-            return None
-
-        self.registry.purge(condemned)
-
-    def reload_tenants(self) -> None:
-        """Validate the tenant file and swap it in; keep the old one if it is invalid or unservable."""
-        try:
-            config = load_tenants(self.tenants_file)
-            for tenant in config.tenants:
-                self.resolver.resolve(tenant, None)  # every default stack loaded and signed acceptably
-        except (PatchError, APIError) as exc:
-            log.warning("tenant file refused, previous configuration stays: %s", exc)
-            self.resolver.config_error = str(exc)
-            return
-        self.resolver.replace_config(config)
-        log.info("tenant file reloaded: %d tenants", len(config.tenants))
+            self.control.reload_tenants()
 
     async def run(self, stop: asyncio.Event, *, polling: bool = False) -> None:
-        """Watch until ``stop`` is set."""
+        """Watch until ``stop`` is set. Changes missed while this was not running (a crash, before a
+        restart by the supervisor) are caught up by a full rescan first."""
         dirs = {self.patch_dir, self.tenants_file.parent}
         if self.revocations_file is not None:
             dirs.add(self.revocations_file.parent)
+        await asyncio.to_thread(self.rescan)
         paths = sorted(str(d) for d in dirs if d.is_dir())
         async for changes in awatch(
             *paths,
@@ -139,3 +83,10 @@ class PatchWatcher:
             poll_delay_ms=100,
         ):
             await asyncio.to_thread(self.apply, changes)
+
+    def rescan(self) -> None:
+        """Bring memory in line with the patch directory: load every file, unload vanished sources."""
+        present = {p.name for p in self.patch_dir.glob("*.safetensors") if not p.name.startswith(".")}
+        loaded = {e.source for e in self.control.registry.entries() if e.source.endswith(".safetensors")}
+        changes = {(Change.modified, str(self.patch_dir / name)) for name in present | loaded}
+        self.apply(changes)

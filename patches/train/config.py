@@ -72,6 +72,7 @@ class TrainConfig:
     max_prompts: int | None = field(default=None, metadata={"help": "Cap per class after the split (quick runs)"})
     response_tokens: int = field(default=40, metadata={"help": "Teacher responses are cut to this many tokens"})
     benign_repeat: int = field(default=2, metadata={"help": "Times each benign example appears per SFT epoch"})
+    harmful_repeat: int = field(default=1, metadata={"help": "Times each harmful example appears per SFT epoch"})
     sft_epochs: float = field(default=1.0, metadata={"help": "Stage 1 epochs"})
     sft_lr: float = field(default=3e-3, metadata={"help": "Stage 1 learning rate (AdamW)"})
     dpo_epochs: float = field(default=1.0, metadata={"help": "Stage 2 epochs (0 skips DPO)"})
@@ -107,6 +108,7 @@ class TrainConfig:
             (self.beta > 0, "beta", self.beta),
             (self.batch_size >= 1, "batch_size", self.batch_size),
             (self.benign_repeat >= 1, "benign_repeat", self.benign_repeat),
+            (self.harmful_repeat >= 1, "harmful_repeat", self.harmful_repeat),
             (self.response_tokens >= 4, "response_tokens", self.response_tokens),
             (self.init != InitMode.text or self.init_text != "", "init_text", "empty with init=text"),
             (bool(self.harmful) and bool(self.benign), "prompt files", "none found for a class"),

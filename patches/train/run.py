@@ -138,7 +138,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     sft_items = [
         _Item(make_example(tokenizer, p.text, targets[p.text], config.response_tokens), p.harmful)
         for p in prompts
-        for _ in range(1 if p.harmful else config.benign_repeat)
+        for _ in range(config.harmful_repeat if p.harmful else config.benign_repeat)
     ]
     sft_losses: list[float] = []
     if config.sft_epochs > 0:

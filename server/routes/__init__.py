@@ -15,7 +15,7 @@ from server.protocol import ErrorResponse
 from server.tenancy import APPLIED_HEADER, ResolvedStack
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 500, 503)
 }
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from server.admin import AdminListing, AdminPatch
-from server.deps import AdminDep, require_admin
+from server.deps import AdminDep, SettingsDep, require_admin
 from server.errors import APIError
+from server.limits import read_body
 from server.routes import ERROR_RESPONSES
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses=ERROR_RESPONSES)
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 
 
 class RollbackRequest(BaseModel):
@@ -36,30 +38,31 @@ async def list_patches(admin: AdminDep) -> AdminListing:
 
 
 @router.post("/patches", response_model=AdminPatch, status_code=201)
-async def upload_patch(request: Request, admin: AdminDep) -> AdminPatch:
-    """Upload a patch file (raw bytes): verified, written to the patch directory, then live."""
-    if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES:
-        raise APIError(413, f"patch upload larger than {MAX_UPLOAD_BYTES} bytes")
-    data = await request.body()
+async def upload_patch(request: Request, admin: AdminDep, settings: SettingsDep) -> AdminPatch:
+    """Upload a patch file (raw bytes): verified, written to the patch directory, then live.
+
+    The body is read as it streams in and refused (413) once it passes ``max_upload_bytes``."""
+    data = await read_body(request, settings.max_upload_bytes, "patch upload")
     if not data:
         raise APIError(400, "empty upload: send the patch file as the request body")
-    return admin.upload(data)
+    return await asyncio.to_thread(admin.upload, data)  # verification and file I/O off the event loop
 
 
 @router.delete("/patches/{name}/{version}", status_code=204)
 async def unload_patch(name: str, version: int, admin: AdminDep) -> None:
     """Unload a patch version and delete its file; refused while a tenant's default stack needs it."""
-    admin.unload(name, version)
+    await asyncio.to_thread(admin.unload, name, version)
 
 
 @router.post("/patches/{name}/rollback", response_model=RollbackResult)
 async def roll_back_patch(name: str, body: RollbackRequest, admin: AdminDep) -> RollbackResult:
     """Explicitly roll ``name`` back to ``version`` (logged); newer versions are unloaded and withdrawn."""
-    return RollbackResult(name=name, version=body.version, withdrawn=admin.roll_back(name, body.version))
+    withdrawn = await asyncio.to_thread(admin.roll_back, name, body.version)
+    return RollbackResult(name=name, version=body.version, withdrawn=withdrawn)
 
 
 @router.post("/tenants/reload", response_model=ReloadResult)
 async def reload_tenants(admin: AdminDep) -> ReloadResult:
     """Re-read the tenant file now (it is also watched)."""
-    error = admin.reload_tenants()
+    error = await asyncio.to_thread(admin.reload_tenants)
     return ReloadResult(applied=error is None, error=error)

@@ -16,7 +16,8 @@ async def get_health() -> dict[str, str]:
 
 @router.get("/readyz")
 async def get_readiness(request: Request) -> JSONResponse:
-    """Readiness: the engine is up and every tenant's default stack resolves."""
+    """Readiness: the engine is up, every tenant's default stack resolves, the shared version ledger
+    reads, and no background task keeps failing."""
     state = request.app.state
     problems: list[str] = []
     if state.startup_error:
@@ -26,10 +27,10 @@ async def get_readiness(request: Request) -> JSONResponse:
     if state.resolver is None:
         problems.append("patches and tenants not loaded")
     else:
-        for tenant in state.resolver.config.tenants:
-            try:
-                state.resolver.resolve(tenant, None)
-            except Exception as exc:  # noqa: BLE001 - any failure makes us unready
-                problems.append(f"tenant {tenant.id}: {exc}")
+        problems += state.resolver.unservable()
+        if state.registry.ledger.error:
+            problems.append(state.registry.ledger.error)
+    if state.supervisor is not None:
+        problems += state.supervisor.problems()
     status = 200 if not problems else 503
     return JSONResponse({"status": "ready" if not problems else "not ready", "problems": problems}, status_code=status)

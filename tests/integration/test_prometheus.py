@@ -103,9 +103,11 @@ def _samples_per_tenant(server: RunningServer) -> dict[str, float]:
 
 def test_prometheus_scrapes_refusal_rate_and_overhead_for_two_tenants(server: RunningServer, prometheus: str) -> None:
     # Earlier tests may have left counters behind: let Prometheus take its first samples of them, then
-    # send traffic for two patched tenants until the overhead sampler (rate 1.0 in this server; one pair
-    # at a time, requests meanwhile skipped) has measured three more replay pairs for each, so every
-    # series *increases* while Prometheus watches (rate() needs that).
+    # send traffic for two patched tenants until the overhead sampler has measured three more replay
+    # pairs for each, so every series *increases* while Prometheus watches (rate() needs that). The
+    # sampler (rate 1.0 in this server) keeps one pending sample per stack and replays one pair at a
+    # time, the stack measured least recently first: alternating traffic gets both tenants measured
+    # in turn, however slow the machine (the deadline only guards against a hung server).
     time.sleep(3)
     start = _samples_per_tenant(server)
     deadline = time.monotonic() + 300
@@ -140,7 +142,8 @@ def test_prometheus_scrapes_refusal_rate_and_overhead_for_two_tenants(server: Ru
     for tenant, ratio in _query(prometheus, overhead).items():
         assert -1 < ratio < 10, (tenant, ratio)
 
-    # Once traffic has stopped, Prometheus' view of the counters equals the server's own.
+    # Once traffic has stopped, Prometheus' view of the counters equals the server's own. (The sampler
+    # may still be replaying what was pending — at most one pair per stack — hence the gauge waits too.)
     time.sleep(3)
     totals = "sum by (tenant) (patchserve_refusals_total) / sum by (tenant) (patchserve_completions_total)"
     completions = _server_samples(server, "patchserve_completions_total")
@@ -150,10 +153,16 @@ def test_prometheus_scrapes_refusal_rate_and_overhead_for_two_tenants(server: Ru
         refused = sum(v for k, v in refusals.items() if dict(k)["tenant"] == tenant)
         assert done > 0
         _until(lambda t=tenant, r=refused / done: abs(_query(prometheus, totals)[t] - r) < 1e-9, 30, "scrape")
-    gauge = _query(prometheus, 'patchserve_latency_overhead_ratio{phase="e2e"}')
-    served = _server_samples(server, "patchserve_latency_overhead_ratio")
-    for tenant in TENANTS:
-        mine = [v for k, v in served.items() if dict(k)["tenant"] == tenant and dict(k)["phase"] == "e2e"]
-        assert gauge[tenant] == pytest.approx(mine[0])
+
+    def gauges_agree() -> bool:
+        gauge = _query(prometheus, 'patchserve_latency_overhead_ratio{phase="e2e"}')
+        served = _server_samples(server, "patchserve_latency_overhead_ratio")
+        for tenant in TENANTS:
+            mine = [v for k, v in served.items() if dict(k)["tenant"] == tenant and dict(k)["phase"] == "e2e"]
+            if gauge.get(tenant) != pytest.approx(mine[0]):
+                return False
+        return True
+
+    _until(gauges_agree, 90, "the overhead gauge scraped as the server reports it, once replays drained")
     # vLLM's own engine metrics come through the same endpoint.
     assert _query(prometheus, "vllm:num_requests_running"), "vLLM engine metrics not scraped"

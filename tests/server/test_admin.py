@@ -77,6 +77,11 @@ def _rewrite_meta(data: bytes, **changes: object) -> bytes:
 
 @pytest.fixture
 def env(model_dir: Path, tmp_path: Path) -> Env:
+    return make_env(model_dir, tmp_path)
+
+
+def make_env(model_dir: Path, tmp_path: Path) -> Env:
+    """Three signing keys (one untrusted, one revoked), three tenants, and ``safety@1`` in the patch dir."""
     keys = tmp_path / "keys"
     trust = tmp_path / "trust"
     trust.mkdir()
