@@ -67,6 +67,13 @@ bench: model
 eval: model
 	$(PY) -m bench.patch_eval $(foreach p,$(PATCH),--patch $(p)) $(EVAL_ARGS)
 
+# Detox patches on a real server: expected maximum toxicity, toxicity probability, refusals and fluency of
+# sampled continuations, bare vs instruction vs each patch, on the RTP held-out split and another source.
+# PATCH="a b" is required; results in var/eval/detox/{heldout,external}/toxicity.{json,md}.
+.PHONY: eval-detox
+eval-detox: model
+	$(PY) -m bench.detox_eval $(foreach p,$(PATCH),--patch $(p)) $(EVAL_ARGS)
+
 # The server's overhead metric (shadow replays) against the benchmark's measured overhead.
 bench-agreement: model
 	$(PY) -m bench.overhead_agreement

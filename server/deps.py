@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from patches.tenants import Tenant
 from server.admin import AdminService
 from server.errors import APIError
 from server.metrics import UNRESOLVED
@@ -34,19 +37,35 @@ def get_service(request: Request) -> CompletionService:
     return service
 
 
-def get_stack(
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated request, before its stack is fixed (that needs the body's ``model``)."""
+
+    tenant: Tenant
+    resolver: TenantResolver
+    stack_header: str | None
+
+
+async def get_caller(
     request: Request,
     resolver: Annotated[TenantResolver, Depends(get_resolver)],
     authorization: Annotated[str | None, Header()] = None,
     x_tenant_id: Annotated[str | None, Header()] = None,
     x_patch_stack: Annotated[str | None, Header()] = None,
-) -> ResolvedStack:
-    """Authenticate the caller and fix the request's patch stack, once, at admission. The metric labels
-    (tenant, stack) are left on the request state for the status counter."""
+) -> Caller:
+    """Authenticate the caller (cheap: one SHA-256 per key). The metric labels (tenant, stack) are left
+    on the request state for the status counter."""
     tenant = resolver.authenticate(authorization, x_tenant_id)
     request.state.metric_labels = (tenant.id, UNRESOLVED)
-    stack = resolver.resolve(tenant, x_patch_stack)
-    request.state.metric_labels = (tenant.id, request.app.state.metrics.stack_label(stack.applied))
+    return Caller(tenant, resolver, x_patch_stack)
+
+
+async def admit(request: Request, caller: Caller, model: str | None) -> ResolvedStack:
+    """Fix the request's patch stack, once, at admission, from ``model`` and ``X-Patch-Stack``
+    (:meth:`TenantResolver.select`). In a worker thread: a stack's first use composes its layout."""
+    base: str = request.app.state.model_name
+    stack = await asyncio.to_thread(caller.resolver.select, caller.tenant, caller.stack_header, model, base)
+    request.state.metric_labels = (caller.tenant.id, request.app.state.metrics.stack_label(stack.applied))
     return stack
 
 
@@ -72,4 +91,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 AdminDep = Annotated[AdminService, Depends(get_admin)]
 ResolverDep = Annotated[TenantResolver, Depends(get_resolver)]
 ServiceDep = Annotated[CompletionService, Depends(get_service)]
-StackDep = Annotated[ResolvedStack, Depends(get_stack)]
+CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,8 +30,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text: any JSON object (``schema`` None), or JSON matching ``schema``."""
+
+    schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class SamplingSpec:
-    """Engine-neutral sampling parameters."""
+    """Engine-neutral sampling parameters.
+
+    ``logprobs`` asks for the log-probability of every generated token and of the ``logprobs`` most
+    likely alternatives at each position (0: the generated token only); ``logit_bias`` maps token ids
+    to biases added to their logits; ``min_tokens`` holds back EOS and ``stop_token_ids`` until that
+    many tokens were generated.
+    """
 
     n: int = 1
     temperature: float = 1.0
@@ -42,6 +55,11 @@ class SamplingSpec:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_tokens: int = 0
+    structured: StructuredOutput | None = None
 
 
 @dataclass(frozen=True)
@@ -59,15 +77,31 @@ class EngineRequest:
         return len(self.prompt_token_ids) + (len(self.layout) if self.layout else 0)
 
 
+# OpenAI's JSON has no -inf: a log-probability below this is reported as this (as OpenAI and vLLM do).
+MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, log-probability, and the most likely tokens at its position
+    (``(text, logprob)``, most likely first, as many as the request asked for)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class EngineChunk:
-    """New output of one choice: a text delta, and the finish reason on its last chunk."""
+    """New output of one choice: a text delta, and the finish reason on its last chunk; ``logprobs``
+    has one entry per new token when the request asked for them."""
 
     index: int
     text: str
     n_tokens: int
     finish_reason: str | None
     cached_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class EngineRequestError(ValueError):
@@ -120,6 +154,7 @@ class VllmEngine:
     @classmethod
     async def start(cls, config: EngineConfig) -> VllmEngine:
         """Start the engine (spawns vLLM's engine-core process; tens of seconds)."""
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -131,6 +166,10 @@ class VllmEngine:
             enable_prefix_caching=True,
             trust_remote_code=False,  # security: never run model-repo code
             disable_log_stats=False,
+            # response_format JSON without free whitespace between tokens: a small model constrained to
+            # JSON otherwise tends to emit whitespace until max_tokens, which is valid but never ends.
+            # (vLLM allows that only with a named backend; a schema xgrammar cannot compile is a 400.)
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         return cls(llm, config)
@@ -152,8 +191,14 @@ class VllmEngine:
     @staticmethod
     def _params(spec: SamplingSpec):  # noqa: ANN205 - vllm.SamplingParams, imported lazily
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        structured = None
+        if spec.structured is not None:
+            schema = spec.structured.schema
+            structured = (
+                StructuredOutputsParams(json_object=True) if schema is None else StructuredOutputsParams(json=schema)
+            )
         return SamplingParams(
             n=spec.n,
             temperature=spec.temperature,
@@ -164,6 +209,11 @@ class VllmEngine:
             presence_penalty=spec.presence_penalty,
             frequency_penalty=spec.frequency_penalty,
             ignore_eos=spec.ignore_eos,
+            logprobs=spec.logprobs,
+            logit_bias=spec.logit_bias,
+            stop_token_ids=spec.stop_token_ids or None,
+            min_tokens=spec.min_tokens,
+            structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -182,6 +232,7 @@ class VllmEngine:
                         n_tokens=len(choice.token_ids),
                         finish_reason=choice.finish_reason,
                         cached_tokens=cached,
+                        logprobs=_logprobs(choice.token_ids, choice.logprobs, request.sampling.logprobs),
                     )
         except VLLMValidationError as exc:
             raise EngineRequestError(str(exc), getattr(exc, "parameter", None)) from exc
@@ -199,3 +250,29 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._llm.shutdown)
+
+
+def _logprobs(
+    token_ids: Sequence[int], positions: Sequence[Any] | None, k: int | None
+) -> tuple[TokenLogprob, ...] | None:
+    """vLLM's per-position ``{token_id: Logprob}`` (the generated token first, then the top ``k`` by rank)
+    as :class:`TokenLogprob` entries; ``None`` when none were asked for."""
+    if positions is None or k is None:
+        return None
+    out = []
+    for token_id, position in zip(token_ids, positions, strict=True):
+        chosen = position.get(token_id) if position else None
+        ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)[:k] if position else []
+        out.append(
+            TokenLogprob(
+                token=_text(token_id, chosen),
+                logprob=max(chosen.logprob, MIN_LOGPROB) if chosen is not None else MIN_LOGPROB,
+                top=tuple((_text(tid, lp), max(lp.logprob, MIN_LOGPROB)) for tid, lp in ranked),
+            )
+        )
+    return tuple(out)
+
+
+def _text(token_id: int, logprob: Any) -> str:
+    decoded = getattr(logprob, "decoded_token", None)
+    return decoded if decoded is not None else f"token_id:{token_id}"

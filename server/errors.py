@@ -19,7 +19,8 @@ from patches.errors import (
     TenantConfigError,
 )
 from server.engine import EngineRequestError, EngineUnavailable
-from server.protocol import ErrorInfo, ErrorResponse
+from server.modelspec import UnknownModel
+from server.responses import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ _TYPES = {
 # exception class -> HTTP status; first match wins (subclasses before bases).
 _STATUS: list[tuple[type[BaseException], int]] = [
     (APIError, 0),  # carries its own status
-    (StackError, 400),
+    (StackError, 400),  # ModelSpecError too (param "model")
+    (UnknownModel, 404),  # OpenAI's model_not_found
     (StateError, 503),  # the shared state or patch volume cannot be written: nothing changed
     (PatchNotFound, 404),  # like OpenAI's unknown model
     (PatchRejected, 400),
@@ -96,7 +98,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
     param = ".".join(loc) or None
-    return (f"{param}: {first['msg']}" if param else str(first["msg"])), param
+    if first.get("type") == "extra_forbidden":  # OpenAI's wording for a field it does not know
+        return f"Unrecognized request argument supplied: {param}", param
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return (f"{param}: {message}" if param else message), param
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -113,7 +118,7 @@ def install_handlers(app: FastAPI) -> None:
 
     async def _on_error(_: Request, exc: Exception) -> JSONResponse:
         status, message, param = classify(exc)
-        code = exc.code if isinstance(exc, APIError) else None
+        code = getattr(exc, "code", None) if isinstance(exc, APIError | UnknownModel) else None
         return error_response(status, message, param=param, code=code)
 
     # Known classes are registered one by one: Starlette re-raises whatever reaches the catch-all

@@ -14,23 +14,23 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from server.engine import Engine, EngineChunk, EngineRequest
+from server.engine import Engine, EngineChunk, EngineRequest, TokenLogprob
 from server.errors import APIError, classify, error_body
+from server.logprobs import chat_logprobs, completion_logprobs
 from server.metrics import Metrics, RequestTracker
+from server.modelspec import model_id
 from server.overhead import OverheadSampler
 from server.prompting import PromptEncoder
-from server.protocol import (
+from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from server.responses import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
     ChatResponseMessage,
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
-    SamplingRequest,
     Usage,
     new_id,
 )
@@ -53,18 +53,25 @@ class _Totals:
     n: int
     prompt_tokens: int
     patch_tokens: int
+    with_logprobs: bool = False
     texts: dict[int, list[str]] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     completion_tokens: int = 0
 
     def add(self, chunk: EngineChunk) -> None:
         self.texts.setdefault(chunk.index, []).append(chunk.text)
         self.completion_tokens += chunk.n_tokens
+        if chunk.logprobs:
+            self.logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             self.finish[chunk.index] = chunk.finish_reason
 
     def text(self, index: int) -> str:
         return "".join(self.texts.get(index, []))
+
+    def token_logprobs(self, index: int) -> list[TokenLogprob] | None:
+        return self.logprobs.get(index, []) if self.with_logprobs else None
 
     def usage(self) -> Usage:
         return Usage(
@@ -91,16 +98,25 @@ class _ChatShaper:
 
     def delta(self, chunk: EngineChunk) -> str:
         delta = ChatDelta(content=chunk.text) if chunk.text else ChatDelta()
-        return self._chunk([ChatChunkChoice(index=chunk.index, delta=delta, finish_reason=chunk.finish_reason)])
+        logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs is not None else None
+        choice = ChatChunkChoice(index=chunk.index, delta=delta, logprobs=logprobs, finish_reason=chunk.finish_reason)
+        return self._chunk([choice])
 
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage)
 
     def response(self, totals: _Totals) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(index=i, message=ChatResponseMessage(content=totals.text(i)), finish_reason=totals.finish.get(i))
-            for i in range(totals.n)
-        ]
+        choices = []
+        for i in range(totals.n):
+            entries = totals.token_logprobs(i)
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=ChatResponseMessage(content=totals.text(i)),
+                    logprobs=chat_logprobs(entries) if entries is not None else None,
+                    finish_reason=totals.finish.get(i),
+                )
+            )
         return ChatCompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=totals.usage()
         )
@@ -110,6 +126,7 @@ class _CompletionShaper:
     def __init__(self, model: str, prefix_text: str = "") -> None:
         self.id, self.created, self.model = new_id("cmpl"), int(time.time()), model
         self.prefix_text = prefix_text  # the echoed prompt, if echo was asked for
+        self._offsets: dict[int, int] = {}  # per choice: where its next token starts, for text_offset
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return sse_frame(
@@ -122,16 +139,31 @@ class _CompletionShaper:
         return [self._chunk([CompletionChoice(index=i, text=self.prefix_text)]) for i in range(n)]
 
     def delta(self, chunk: EngineChunk) -> str:
-        return self._chunk([CompletionChoice(index=chunk.index, text=chunk.text, finish_reason=chunk.finish_reason)])
+        logprobs = None
+        if chunk.logprobs is not None:
+            offset = self._offsets.get(chunk.index, len(self.prefix_text))
+            logprobs = completion_logprobs(chunk.logprobs, offset)
+            self._offsets[chunk.index] = offset + sum(len(e.token) for e in chunk.logprobs)
+        choice = CompletionChoice(
+            index=chunk.index, text=chunk.text, logprobs=logprobs, finish_reason=chunk.finish_reason
+        )
+        return self._chunk([choice])
 
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage)
 
     def response(self, totals: _Totals) -> CompletionResponse:
-        choices = [
-            CompletionChoice(index=i, text=self.prefix_text + totals.text(i), finish_reason=totals.finish.get(i))
-            for i in range(totals.n)
-        ]
+        choices = []
+        for i in range(totals.n):
+            entries = totals.token_logprobs(i)
+            choices.append(
+                CompletionChoice(
+                    index=i,
+                    text=self.prefix_text + totals.text(i),
+                    logprobs=completion_logprobs(entries, len(self.prefix_text)) if entries is not None else None,
+                    finish_reason=totals.finish.get(i),
+                )
+            )
         return CompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices, usage=totals.usage()
         )
@@ -146,7 +178,7 @@ class CompletionService:
     Args:
         engine: The inference engine.
         encoder: Tokenizer and chat template of the served model.
-        model_name: Model id reported in responses.
+        model_name: The base model's id; a response's ``model`` is it plus the applied stack (:func:`model_id`).
         metrics: Where latencies, tokens and refusals are counted (a private registry by default).
         sampler: Measures patch overhead on a sample of finished requests (off by default).
     """
@@ -171,14 +203,14 @@ class CompletionService:
         """Create a chat completion (a response, or SSE frames when ``stream`` is set)."""
         self._check_chars(sum(len(m.text()) for m in request.messages), "messages")
         prompt_ids = await asyncio.to_thread(self.encoder.chat, request.messages)
-        return await self._run(request, stack, prompt_ids, _ChatShaper(self.model_name), "messages")
+        return await self._run(
+            request, stack, prompt_ids, _ChatShaper(model_id(self.model_name, stack.applied)), "messages"
+        )
 
     async def complete(
         self, request: CompletionRequest, stack: ResolvedStack
     ) -> CompletionResponse | AsyncIterator[str]:
         """Create a text completion (a response, or SSE frames when ``stream`` is set)."""
-        if request.suffix:
-            raise APIError(400, "suffix is not supported by this model", param="suffix")
         if isinstance(request.prompt, str):
             self._check_chars(len(request.prompt), "prompt")
             prompt_ids = await asyncio.to_thread(self.encoder.encode, request.prompt)
@@ -190,7 +222,7 @@ class CompletionService:
             if any(not 0 <= t < self.encoder.vocab_size for t in prompt_ids):
                 raise APIError(400, f"prompt token ids must be in [0, {self.encoder.vocab_size})", param="prompt")
             echo_text = await asyncio.to_thread(self.encoder.decode, prompt_ids) if request.echo else ""
-        shaper = _CompletionShaper(self.model_name, echo_text if request.echo else "")
+        shaper = _CompletionShaper(model_id(self.model_name, stack.applied), echo_text if request.echo else "")
         return await self._run(request, stack, prompt_ids, shaper, "prompt")
 
     def _too_long(self, detail: str, param: str) -> APIError:
@@ -235,20 +267,47 @@ class CompletionService:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        return EngineRequest(
+        sampling = request.to_sampling(default_max_tokens=room)
+        if sampling.min_tokens > sampling.max_tokens:
+            raise APIError(
+                400, f"min_tokens={sampling.min_tokens} exceeds max_tokens={sampling.max_tokens}", param="min_tokens"
+            )
+        self._check_token_ids(request)
+        engine_request = EngineRequest(
             request_id=new_id("req"),
             prompt_token_ids=prompt_ids,
             layout=stack.layout,
-            sampling=request.to_sampling(default_max_tokens=room),
+            sampling=sampling,
             cache_salt=stack.cache_salt,
         )
+        if request.end_user is not None:  # recorded for the operator, never trusted or used as a label
+            log.info(
+                "request %s: tenant %s, client-declared end user %r",
+                engine_request.request_id,
+                stack.tenant,
+                request.end_user,
+            )
+        return engine_request
+
+    def _check_token_ids(self, request: SamplingRequest) -> None:
+        vocab = self.encoder.vocab_size
+        for param, ids in (
+            ("logit_bias", [int(k) for k in request.logit_bias or {}]),
+            ("stop_token_ids", request.stop_token_ids or []),
+        ):
+            bad = [i for i in ids if i >= vocab]
+            if bad:
+                raise APIError(400, f"{param}: token id {bad[0]} is not in the vocabulary [0, {vocab})", param=param)
 
     async def _run(
         self, request: SamplingRequest, stack: ResolvedStack, prompt_ids: list[int], shaper: _Shaper, param: str
     ) -> BaseModel | AsyncIterator[str]:
         engine_request = self._engine_request(request, stack, prompt_ids, param)
         totals = _Totals(
-            n=request.n, prompt_tokens=len(prompt_ids), patch_tokens=len(stack.layout) if stack.layout else 0
+            n=request.n,
+            prompt_tokens=len(prompt_ids),
+            patch_tokens=len(stack.layout) if stack.layout else 0,
+            with_logprobs=engine_request.sampling.logprobs is not None,
         )
         if request.stream:
             return self._stream(engine_request, stack, shaper, totals, request.include_usage)
@@ -284,7 +343,7 @@ class CompletionService:
             for frame in shaper.start(totals.n):
                 yield frame
             async for chunk in self._generate(engine_request, stack, totals):
-                if chunk.text or chunk.finish_reason is not None:
+                if chunk.text or chunk.logprobs or chunk.finish_reason is not None:
                     yield shaper.delta(chunk)
             if include_usage:
                 yield shaper.usage(totals.usage())

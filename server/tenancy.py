@@ -1,8 +1,9 @@
 """Request → tenant → patch stack: authentication and per-request stack resolution.
 
-A request's stack is resolved once, when it is admitted, into a :class:`ResolvedStack` holding the
-exact patch objects (so a later swap cannot change a request in flight), their layout and the
-prefix-cache salt.
+A request selects its stack by ``model`` (:mod:`server.modelspec`) or ``X-Patch-Stack``, else gets the
+tenant's default (:meth:`TenantResolver.select`). It is resolved once, when it is admitted, into a
+:class:`ResolvedStack` holding the exact patch objects (so a later swap cannot change a request in
+flight), their layout and the prefix-cache salt.
 
 The salt is what keeps the prefix cache safe: vLLM's block hashes in mixed prompt-embeds mode cover the
 token ids but not which positions are embeddings (vLLM issue #56655), so two inputs with the same ids and
@@ -26,6 +27,7 @@ from patches.registry import PatchRegistry
 from patches.stack import Layout, PatchRef, compose_stack, parse_stack
 from patches.tenants import Tenant, TenantConfig, hash_api_key
 from server.errors import APIError
+from server.modelspec import MODEL_PARAM, ModelSpecError, model_name, parse_model
 
 STACK_HEADER = "X-Patch-Stack"
 TENANT_HEADER = "X-Tenant-Id"
@@ -120,45 +122,105 @@ class TenantResolver:
             raise APIError(401, f"unknown tenant {tenant_id!r}", param=TENANT_HEADER)
         return tenant
 
+    def select(self, tenant: Tenant, stack_header: str | None, model: str | None, base: str) -> ResolvedStack:
+        """Resolve one request's stack from its ``model`` and ``X-Patch-Stack``: a stack named in ``model``
+        wins; the header may repeat it (the same refs) but not contradict it; without either, the
+        tenant's default.
+
+        Raises:
+            UnknownModel: A ``model`` that is not served (404).
+            ModelSpecError: A malformed stack in ``model``, or one the header contradicts (400).
+            StackError: A malformed header (400); and everything :meth:`resolve_refs` raises.
+        """
+        from_model = parse_model(model, base)
+        from_header = parse_stack(stack_header) if stack_header is not None else None
+        if from_model is None:
+            return self.resolve_refs(tenant, from_header, param=STACK_HEADER)
+        if from_header is not None and from_header != from_model:
+            raise ModelSpecError(
+                f"model {model!r} and {STACK_HEADER}: {stack_header.strip()!r} select different stacks; "
+                "send one of them (or the same stack in both)"
+            )
+        return self.resolve_refs(tenant, from_model, param=MODEL_PARAM)
+
     def resolve(self, tenant: Tenant, stack_header: str | None) -> ResolvedStack:
         """Resolve the stack for one request: the header's choice, else the tenant's default.
 
         Raises:
-            StackError: Malformed header (400).
-            APIError: 403 for a patch the tenant may not select, or ``none`` when not allowed;
-                503 when the tenant's default stack is not loaded.
+            StackError: Malformed header (400), and everything :meth:`resolve_refs` raises.
+        """
+        return self.resolve_refs(tenant, parse_stack(stack_header) if stack_header is not None else None)
+
+    def resolve_refs(self, tenant: Tenant, refs: list[PatchRef] | None, *, param: str = STACK_HEADER) -> ResolvedStack:
+        """Resolve a selected stack (``refs``; None for the tenant's default) into patches, layout and salt.
+
+        Raises:
+            APIError: 403 (naming ``param``) for a patch the tenant may not select, or ``none`` when not
+                allowed; 503 when the tenant's default stack is not loaded.
             PatchNotFound: A selected patch or version that is not loaded (404).
         """
-        if stack_header is None:
-            refs = tenant.default_refs
-            try:
-                patches = self._registry.resolve_all(refs)
-            except PatchNotFound as exc:
-                raise APIError(503, f"tenant {tenant.id!r} default patch stack is unavailable: {exc}") from exc
-        else:
-            refs = parse_stack(stack_header)
-            if not refs and not tenant.allow_unpatched:
-                raise APIError(403, f"tenant {tenant.id!r} may not disable its patches", param=STACK_HEADER)
-            for ref in refs:
-                if ref.name not in tenant.allowed_patches:
-                    raise APIError(
-                        403, f"patch {ref.name!r} is not allowed for tenant {tenant.id!r}", param=STACK_HEADER
-                    )
-            patches = self._registry.resolve_all(refs)
-        if tenant.allowed_signers is not None:
-            for patch in patches:
-                if patch.meta.signer not in tenant.allowed_signers:
-                    raise APIError(
-                        403 if stack_header is not None else 503,
-                        f"patch {patch.ref} is signed by {patch.meta.signer or 'nobody'}, "
-                        f"a signer tenant {tenant.id!r} does not accept",
-                        param=STACK_HEADER if stack_header is not None else None,
-                    )
+        patches = self.admissible(tenant, refs, param=param)
         digests = tuple(p.digest for p in patches)
         salt = hashlib.sha256("\0".join((tenant.id, *digests)).encode()).hexdigest()[:32]
         return ResolvedStack(
             tenant=tenant.id, patches=tuple(patches), layout=self._layout(patches, digests), cache_salt=salt
         )
+
+    def admissible(self, tenant: Tenant, refs: list[PatchRef] | None, *, param: str = STACK_HEADER) -> list[Patch]:
+        """The patches ``refs`` (None: the default stack) resolve to for ``tenant``, if it may use them.
+
+        Raises:
+            APIError, PatchNotFound: As :meth:`resolve_refs`.
+        """
+        if refs is None:
+            try:
+                patches = self._registry.resolve_all(tenant.default_refs)
+            except PatchNotFound as exc:
+                raise APIError(503, f"tenant {tenant.id!r} default patch stack is unavailable: {exc}") from exc
+        else:
+            if not refs and not tenant.allow_unpatched:
+                raise APIError(403, f"tenant {tenant.id!r} may not disable its patches", param=param)
+            for ref in refs:
+                if ref.name not in tenant.allowed_patches:
+                    raise APIError(403, f"patch {ref.name!r} is not allowed for tenant {tenant.id!r}", param=param)
+            patches = self._registry.resolve_all(refs)
+        if tenant.allowed_signers is not None:
+            for patch in patches:
+                if patch.meta.signer not in tenant.allowed_signers:
+                    raise APIError(
+                        403 if refs is not None else 503,
+                        f"patch {patch.ref} is signed by {patch.meta.signer or 'nobody'}, "
+                        f"a signer tenant {tenant.id!r} does not accept",
+                        param=param if refs is not None else None,
+                    )
+        return patches
+
+    def models(self, tenant: Tenant, base: str) -> list[tuple[str, list[Patch] | None]]:
+        """What ``model`` may name for ``tenant`` now, with the patches each runs with: ``base`` (the
+        default stack; None if it is unavailable), the default stack spelled out, ``base:none`` if allowed,
+        then each allowed patch that is loaded, as ``base:name`` (newest) and ``base:name@version``. Any
+        ordered ``+`` combination of the listed patches may be sent as well."""
+        try:
+            default: list[Patch] | None = self.admissible(tenant, None)
+        except (PatchError, APIError):
+            default = None
+        out: dict[str, list[Patch] | None] = {base: default}
+        candidates = [tenant.default_refs] if tenant.default_refs else []
+        candidates += [[]] if tenant.allow_unpatched else []
+        loaded: dict[str, list[int]] = {}
+        for entry in self._registry.entries():
+            loaded.setdefault(entry.patch.name, []).append(entry.patch.version)
+        for name in tenant.allowed_patches:
+            versions = loaded.get(name, [])
+            candidates += [[PatchRef(name)]] if versions else []
+            candidates += [[PatchRef(name, v)] for v in versions]
+        for refs in candidates:
+            try:
+                patches = self.admissible(tenant, refs)
+            except (PatchError, APIError):
+                continue  # not servable to this tenant right now (e.g. a signer it does not accept)
+            out.setdefault(model_name(base, refs), patches)
+        return list(out.items())
 
     def _layout(self, patches: list[Patch], key: tuple[str, ...]) -> Layout | None:
         with self._layouts_lock:

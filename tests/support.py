@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from patches.demo import text_patch
 from patches.format import write_atomic
 from patches.stack import Placement
-from server.engine import EngineChunk, EngineRequest
+from server.engine import EngineChunk, EngineRequest, TokenLogprob
 
 PATCH_TEXTS = {
     "alpha": "Answer briefly and politely.",
@@ -57,7 +57,8 @@ class FakeEngine:
     The first word names the prefix length (``P<n>``) so tests can see which stack reached the engine.
     ``fail_after`` makes generation raise after that many chunks (to test mid-stream errors);
     ``reply`` replaces the scripted words (one word per token); ``cached_tokens`` is reported as the
-    request's prefix-cache hits.
+    request's prefix-cache hits. With ``sampling.logprobs = k`` each token has log-probability -0.25 and
+    ranks first, followed by ``k - 1`` alternatives `` alt1`` … with -1.25, -2.25, ….
     """
 
     def __init__(self, max_model_len: int = 256) -> None:
@@ -86,9 +87,17 @@ class FakeEngine:
                     n_tokens=1,
                     finish_reason="length" if step == n_tokens - 1 else None,
                     cached_tokens=self.cached_tokens,
+                    logprobs=_fake_logprobs(text, request.sampling.logprobs),
                 )
                 sent += 1
             await asyncio.sleep(0)
 
     async def shutdown(self) -> None:
         return None
+
+
+def _fake_logprobs(text: str, k: int | None) -> tuple[TokenLogprob, ...] | None:
+    if k is None:
+        return None
+    top = [(text, -0.25)] + [(f" alt{j}", -0.25 - j) for j in range(1, k)]
+    return (TokenLogprob(token=text, logprob=-0.25, top=tuple(top[:k])),)

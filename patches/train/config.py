@@ -92,6 +92,32 @@ class TrainConfig:
     )
     key: Path | None = field(default=None, metadata={"help": "Ed25519 private key to sign the patch with"})
     description: str = field(default="", metadata={"help": "Patch description"})
+    # --task detox (patches/train/detox.py): continuation prompts, sampled teacher; checked by detox_checks()
+    task: str = field(default="refusal", metadata={"help": "'refusal' (harmful/benign prompts) or 'detox'"})
+    continuations: list[Path] = field(
+        default_factory=list, metadata={"help": "detox: files of openings to continue (default: RealToxicityPrompts)"}
+    )
+    samples: int = field(default=8, metadata={"help": "detox: continuations sampled per opening (k)"})
+    continuation_tokens: int = field(default=32, metadata={"help": "detox: tokens per sampled continuation"})
+    sample_temperature: float = field(default=1.0, metadata={"help": "detox: sampling temperature"})
+    detox_margin: float = field(
+        default=0.1, metadata={"help": "detox: least score gap between chosen and rejected for a DPO pair"}
+    )
+    min_tokens: int = field(default=4, metadata={"help": "detox: a chosen continuation has at least this many tokens"})
+
+    def detox_checks(self) -> None:
+        """The ``--task detox`` fields' checks (``refusal`` ignores them)."""
+        checks = [
+            (self.task in ("refusal", "detox"), "task", self.task),
+            (self.samples >= 2, "samples", self.samples),
+            (self.continuation_tokens >= 4, "continuation_tokens", self.continuation_tokens),
+            (self.sample_temperature > 0, "sample_temperature", self.sample_temperature),
+            (0 <= self.detox_margin <= 1, "detox_margin", self.detox_margin),
+            (1 <= self.min_tokens <= self.continuation_tokens, "min_tokens", self.min_tokens),
+        ]
+        for ok, name, value in checks:
+            if not ok:
+                raise ValueError(f"invalid training config: {name}={value!r}")
 
     def __post_init__(self) -> None:
         self.init = InitMode(self.init)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from server.errors import APIError
-from server.protocol import ErrorResponse
+from server.responses import ErrorResponse
 from server.tenancy import APPLIED_HEADER, ResolvedStack
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {

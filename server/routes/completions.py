@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.deps import ServiceDep, StackDep
-from server.protocol import CompletionRequest, CompletionResponse
+from server.deps import CallerDep, ServiceDep, admit
+from server.protocol import CompletionRequest
+from server.responses import CompletionResponse
 from server.routes import ERROR_RESPONSES, respond, unless_disconnected
 
 router = APIRouter(tags=["openai"])
@@ -14,7 +15,8 @@ router = APIRouter(tags=["openai"])
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
 async def create_completion(
-    body: CompletionRequest, stack: StackDep, service: ServiceDep, request: Request
+    body: CompletionRequest, caller: CallerDep, service: ServiceDep, request: Request
 ) -> JSONResponse | StreamingResponse:
-    """Text completion with the tenant's patch stack applied."""
+    """Text completion with the patch stack ``model`` (or ``X-Patch-Stack``, or the tenant) selects."""
+    stack = await admit(request, caller, body.model)
     return respond(await unless_disconnected(request, service.complete(body, stack)), stack)

@@ -254,16 +254,20 @@ class TestBadInput:
         )
         assert "12 of them patch tokens" in error["message"]
 
-    def test_unknown_fields_are_ignored(self, client: tuple[TestClient, FakeEngine]) -> None:
-        http, _ = client
-        assert post_chat(http, body={**CHAT, "frobnicate": True}).status_code == 200
+    def test_unknown_fields_are_refused_by_name(self, client: tuple[TestClient, FakeEngine]) -> None:
+        http, engine = client
+        before = len(engine.requests)
+        error = assert_error(post_chat(http, body={**CHAT, "frobnicate": True}), 400, "invalid_request_error")
+        assert error["param"] == "frobnicate" and "Unrecognized request argument" in error["message"]
+        assert len(engine.requests) == before
 
 
 class TestModelsAndHealth:
     def test_models(self, client: tuple[TestClient, FakeEngine]) -> None:
         http, _ = client
-        body = http.get("/v1/models").json()
+        body = http.get("/v1/models", headers={"X-Tenant-Id": "open"}).json()
         assert body["object"] == "list" and body["data"][0]["id"] == "smollm2-135m-instruct-bf16"
+        assert_error(http.get("/v1/models"), 401, "authentication_error")  # per tenant: who is asking?
 
     def test_health_and_ready(self, client: tuple[TestClient, FakeEngine]) -> None:
         http, _ = client
