@@ -132,14 +132,9 @@ async def collect(
     return results
 
 
-def perplexity(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int = 16) -> float:
-    """Perplexity of answers given their prompts under ``model`` (chat-templated, no patch)."""
-    examples = []
-    for prompt, answer in pairs:
-        prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
-        answer_ids = tokenizer.encode(answer, add_special_tokens=False)
-        if answer_ids:
-            examples.append((prompt_ids + answer_ids, len(prompt_ids)))
+def continuation_nll(model: Any, examples: list[tuple[list[int], int]], batch_size: int = 16) -> tuple[float, int]:
+    """Summed negative log-likelihood of each example's tokens after its first ``n_prompt`` ones, and the
+    number of tokens summed over (``examples``: (token ids, n_prompt) pairs)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
@@ -152,6 +147,18 @@ def perplexity(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_s
             for row, (tokens, n_prompt) in enumerate(chunk):
                 total -= picked[row, n_prompt - 1 : len(tokens) - 1].sum().item()
                 count += len(tokens) - n_prompt
+    return total, count
+
+
+def perplexity(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int = 16) -> float:
+    """Perplexity of answers given their prompts under ``model`` (chat-templated, no patch)."""
+    examples = []
+    for prompt, answer in pairs:
+        prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+        answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+        if answer_ids:
+            examples.append((prompt_ids + answer_ids, len(prompt_ids)))
+    total, count = continuation_nll(model, examples, batch_size)
     return math.exp(total / max(1, count))
 
 

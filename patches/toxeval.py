@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 
 from patches.continuations import Continuation
-from patches.evaluate import Variant
+from patches.evaluate import Variant, continuation_nll
 from patches.refusal import is_refusal
 from patches.toxicity import TOXIC, Scorer
 
@@ -172,18 +171,7 @@ def continuation_perplexity(
         ids = tokenizer.encode(continuation, add_special_tokens=False)
         if prompt_ids and ids:
             examples.append((prompt_ids + ids, len(prompt_ids)))
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in chunk])
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
-            logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
-            picked = logps.gather(2, ids[:, 1:, None]).squeeze(-1)
-            for row, (tokens, n_prompt) in enumerate(chunk):
-                total -= picked[row, n_prompt - 1 : len(tokens) - 1].sum().item()
-                count += len(tokens) - n_prompt
+    total, count = continuation_nll(model, examples, batch_size)
     return math.exp(total / max(1, count)), count
 
 

@@ -183,40 +183,16 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
             **common,
         )
 
-    out = config.out or work / f"{config.name}-v{config.version}.safetensors"
-    description = config.description or (
+    description = (
         f"trained by patchserve: {config.placement} patch, SFT {config.sft_epochs} ep (benign {config.benign_loss}) "
         f"+ DPO {config.dpo_epochs} ep (beta {config.beta}, "
         f"ref {config.reference}), teacher {config.teacher}, "
         f"{f'continued from {start.ref} ({start.digest[:19]}…)' if start else f'{config.init} init'}, "
         f"seed {config.seed}"
     )
-    meta = PatchMetadata(
-        name=config.name,
-        version=config.version,
-        base_model=fingerprint,
-        domain="safety",
-        description=description,
-        placement=config.placement,
-    )
-    data = dump_patch(rows.detach().to(torch.float32).clone(), meta)
-    if config.key is not None:
-        data = sign_patch(data, load_private_key(config.key))
-    write_atomic(out, data)
+    out = _write_patch(config, rows, fingerprint, description)
     result = TrainResult(out, heldout_paths, time.monotonic() - started, sft_losses, dpo_losses, counts)
-    (work / "train-report.json").write_text(
-        json.dumps(
-            {
-                **{k: str(v) for k, v in asdict(config).items()},
-                "seconds": result.seconds,
-                "n_train": counts,
-                "sft_final_loss": sft_losses[-10:],
-                "dpo_final_loss": dpo_losses[-10:],
-                "patch": str(out),
-            },
-            indent=2,
-        )
-    )
+    _write_report(work / "train-report.json", config, result.seconds, counts, sft_losses, dpo_losses, out)
     console.print(f"wrote {out} in {result.seconds / 60:.1f} min")
     return result
 
@@ -231,7 +207,8 @@ class DetoxResult:
     n_train: dict[str, int]
 
 
-def _write_detox_patch(config: TrainConfig, rows: torch.Tensor, fingerprint: str, description: str) -> Path:
+def _write_patch(config: TrainConfig, rows: torch.Tensor, fingerprint: str, description: str) -> Path:
+    """Write the trained rows as a format-v1 patch (signed when ``config.key`` is set); returns its path."""
     out = config.out or config.work_dir / f"{config.name}-v{config.version}.safetensors"
     meta = PatchMetadata(
         name=config.name,
@@ -246,6 +223,26 @@ def _write_detox_patch(config: TrainConfig, rows: torch.Tensor, fingerprint: str
         data = sign_patch(data, load_private_key(config.key))
     write_atomic(out, data)
     return out
+
+
+def _write_report(
+    path: Path,
+    config: TrainConfig,
+    seconds: float,
+    counts: dict[str, int],
+    sft: list[float],
+    dpo: list[float],
+    out: Path,
+) -> None:
+    report = {
+        **{k: str(v) for k, v in asdict(config).items()},
+        "seconds": seconds,
+        "n_train": counts,
+        "sft_final_loss": sft[-10:],
+        "dpo_final_loss": dpo[-10:],
+        "patch": str(out),
+    }
+    path.write_text(json.dumps(report, indent=2))
 
 
 def train_detox(config: TrainConfig, console: Console | None = None, scorer: Scorer | None = None) -> DetoxResult:
@@ -352,20 +349,8 @@ def train_detox(config: TrainConfig, console: Console | None = None, scorer: Sco
         f"{f'continued from {start.ref} ({start.digest[:19]}…)' if start else f'{config.init} init'}, "
         f"seed {config.seed}"
     )
-    out = _write_detox_patch(config, rows, fingerprint, description)
+    out = _write_patch(config, rows, fingerprint, description)
     result = DetoxResult(out, heldout_path, time.monotonic() - started, sft_losses, dpo_losses, counts)
-    (work / "detox-train-report.json").write_text(
-        json.dumps(
-            {
-                **{k: str(v) for k, v in asdict(config).items()},
-                "seconds": result.seconds,
-                "n_train": counts,
-                "sft_final_loss": sft_losses[-10:],
-                "dpo_final_loss": dpo_losses[-10:],
-                "patch": str(out),
-            },
-            indent=2,
-        )
-    )
+    _write_report(work / "detox-train-report.json", config, result.seconds, counts, sft_losses, dpo_losses, out)
     console.print(f"wrote {out} in {result.seconds / 60:.1f} min")
     return result
