@@ -100,6 +100,32 @@ def _sft_loss(model: PatchModel, batch: list[_Item], benign_loss: BenignLoss) ->
     return sum(p * w for p, w in zip(parts, weights, strict=True)) / sum(weights)
 
 
+def _dpo_stage(
+    config: TrainConfig,
+    model: PatchModel,
+    rows: torch.nn.Parameter,
+    pairs: list[Pair],
+    checkpoint: Path,
+    console: Console,
+) -> list[float]:
+    """Stage 2 for either task: reference log-probs (the SFT rows or the bare model), then DPO + NLL."""
+    reference = rows.detach().clone() if config.reference == Reference.sft else None
+    console.print(f"DPO on {len(pairs)} pairs; reference log-probs ({config.reference})…")
+    pairs = with_reference(pairs, model, reference, bf16=config.bf16)
+    return run_stage(
+        "DPO",
+        pairs,
+        lambda b: dpo_loss(model, b, beta=config.beta, nll_weight=config.nll_weight),
+        rows,
+        epochs=config.dpo_epochs,
+        lr=config.dpo_lr,
+        checkpoint=checkpoint,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        bf16=config.bf16,
+    )
+
+
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     """Train a patch as configured; see :class:`TrainConfig`."""
     console = console or Console()
@@ -169,19 +195,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                     make_example(tokenizer, p.text, rejected, config.response_tokens),
                 )
             )
-        reference = rows.detach().clone() if config.reference == Reference.sft else None
-        console.print(f"DPO on {len(pairs)} pairs; reference log-probs ({config.reference})…")
-        pairs = with_reference(pairs, model, reference, bf16=config.bf16)
-        dpo_losses = run_stage(
-            "DPO",
-            pairs,
-            lambda b: dpo_loss(model, b, beta=config.beta, nll_weight=config.nll_weight),
-            rows,
-            epochs=config.dpo_epochs,
-            lr=config.dpo_lr,
-            checkpoint=work / "dpo.ckpt.safetensors",
-            **common,
-        )
+        dpo_losses = _dpo_stage(config, model, rows, pairs, work / "dpo.ckpt.safetensors", console)
 
     description = (
         f"trained by patchserve: {config.placement} patch, SFT {config.sft_epochs} ep (benign {config.benign_loss}) "
@@ -328,19 +342,7 @@ def train_detox(config: TrainConfig, console: Console | None = None, scorer: Sco
             )
             for c in preferred
         ]
-        reference = rows.detach().clone() if config.reference == Reference.sft else None
-        console.print(f"DPO on {len(pairs)} pairs; reference log-probs ({config.reference})…")
-        pairs = with_reference(pairs, model, reference, bf16=config.bf16)
-        dpo_losses = run_stage(
-            "DPO",
-            pairs,
-            lambda b: dpo_loss(model, b, beta=config.beta, nll_weight=config.nll_weight),
-            rows,
-            epochs=config.dpo_epochs,
-            lr=config.dpo_lr,
-            checkpoint=work / "detox-dpo.ckpt.safetensors",
-            **common,
-        )
+        dpo_losses = _dpo_stage(config, model, rows, pairs, work / "detox-dpo.ckpt.safetensors", console)
 
     description = (
         f"trained by patchserve: detox {config.placement} patch, SFT {config.sft_epochs} ep on the least toxic of "
