@@ -345,7 +345,10 @@ class PatchRegistry:
             StateError: The ledger cannot be read; the last good state stays in force.
         """
         with self.lock:
+            seen = self.ledger.serial
             self.ledger.refresh()
+            if self.ledger.serial == seen:
+                return []  # nothing written since: every loaded version passed the ledger when admitted
             withdrawn = self.ledger.withdrawn()
             return self.purge(
                 lambda p: f"patch {p.ref} was withdrawn by an operator rollback" if p.digest in withdrawn else None,
