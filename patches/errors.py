@@ -57,9 +57,34 @@ class StackError(PatchError):
     """A malformed patch-stack specification (for example a bad ``X-Patch-Stack`` header)."""
 
 
+class ConversionError(PatchError):
+    """A valid patch or adapter with no equivalent in the other format (see :mod:`patches.peft_interop`)."""
+
+
 class TenantConfigError(PatchError):
     """A tenant configuration file that cannot be used."""
 
 
 class StateError(PatchError):
     """The shared version state (or a patch file being persisted) cannot be read or written."""
+
+
+class AccessError(PatchError):
+    """A request the tenant configuration does not admit; ``param`` names the header or field at fault."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class Unauthenticated(AccessError):
+    """No credentials, or credentials that name no tenant."""
+
+
+class Forbidden(AccessError):
+    """A tenant asking for a patch, stack or signer its configuration does not allow."""
+
+
+class StackUnavailable(AccessError):
+    """The tenant's own default stack cannot be served now (a pinned version is missing or refused)."""

@@ -105,7 +105,9 @@ async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
             window=settings.overhead_window,
             max_tokens=settings.overhead_max_tokens,
         )
-        app.state.service = CompletionService(engine, app.state.encoder, name, app.state.metrics, app.state.sampler)
+        app.state.service = CompletionService(
+            engine, app.state.encoder, name, app.state.metrics, app.state.sampler, app.state.resolver
+        )
         log.info("patchserve ready: model %s, %d patch versions loaded", name, len(app.state.registry.entries()))
     except Exception as exc:
         log.exception("start-up failed")

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from patches.tenants import Tenant
 from server.admin import AdminService
 from server.errors import APIError
 from server.metrics import UNRESOLVED
 from server.serving import CompletionService
 from server.settings import Settings
-from server.tenancy import ResolvedStack, TenantResolver
+from server.tenancy import Caller, ResolvedStack, TenantResolver
 
 
 def get_settings(request: Request) -> Settings:
@@ -37,15 +34,6 @@ def get_service(request: Request) -> CompletionService:
     return service
 
 
-@dataclass(frozen=True)
-class Caller:
-    """An authenticated request, before its stack is fixed (that needs the body's ``model``)."""
-
-    tenant: Tenant
-    resolver: TenantResolver
-    stack_header: str | None
-
-
 async def get_caller(
     request: Request,
     resolver: Annotated[TenantResolver, Depends(get_resolver)],
@@ -57,16 +45,12 @@ async def get_caller(
     on the request state for the status counter."""
     tenant = resolver.authenticate(authorization, x_tenant_id)
     request.state.metric_labels = (tenant.id, UNRESOLVED)
-    return Caller(tenant, resolver, x_patch_stack)
+    return Caller(tenant, x_patch_stack)
 
 
-async def admit(request: Request, caller: Caller, model: str | None) -> ResolvedStack:
-    """Fix the request's patch stack, once, at admission, from ``model`` and ``X-Patch-Stack``
-    (:meth:`TenantResolver.select`). In a worker thread: a stack's first use composes its layout."""
-    base: str = request.app.state.model_name
-    stack = await asyncio.to_thread(caller.resolver.select, caller.tenant, caller.stack_header, model, base)
+def label_stack(request: Request, caller: Caller, stack: ResolvedStack) -> None:
+    """Name the admitted stack in the request's metric labels (the status counter reads them)."""
     request.state.metric_labels = (caller.tenant.id, request.app.state.metrics.stack_label(stack.applied))
-    return stack
 
 
 def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:

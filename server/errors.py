@@ -10,13 +10,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patches.errors import (
+    AccessError,
+    Forbidden,
     PatchError,
     PatchNotFound,
     PatchRejected,
     RejectReason,
     StackError,
+    StackUnavailable,
     StateError,
     TenantConfigError,
+    Unauthenticated,
 )
 from server.engine import EngineRequestError, EngineUnavailable
 from server.modelspec import UnknownModel
@@ -26,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    """An error with an explicit status, for checks made by the server itself (auth, limits)."""
+    """An error with an explicit status, for checks the HTTP layer makes itself (limits, start-up, admin token)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -51,6 +55,9 @@ _TYPES = {
 # exception class -> HTTP status; first match wins (subclasses before bases).
 _STATUS: list[tuple[type[BaseException], int]] = [
     (APIError, 0),  # carries its own status
+    (Unauthenticated, 401),
+    (Forbidden, 403),
+    (StackUnavailable, 503),  # the tenant's own default stack: the server's fault, not the caller's
     (StackError, 400),  # ModelSpecError too (param "model")
     (UnknownModel, 404),  # OpenAI's model_not_found
     (StateError, 503),  # the shared state or patch volume cannot be written: nothing changed
@@ -118,7 +125,7 @@ def install_handlers(app: FastAPI) -> None:
 
     async def _on_error(_: Request, exc: Exception) -> JSONResponse:
         status, message, param = classify(exc)
-        code = getattr(exc, "code", None) if isinstance(exc, APIError | UnknownModel) else None
+        code = getattr(exc, "code", None) if isinstance(exc, APIError | AccessError | UnknownModel) else None
         return error_response(status, message, param=param, code=code)
 
     # Known classes are registered one by one: Starlette re-raises whatever reaches the catch-all

@@ -34,7 +34,7 @@ from server.responses import (
     Usage,
     new_id,
 )
-from server.tenancy import ResolvedStack
+from server.tenancy import Caller, ResolvedStack, TenantResolver
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ class CompletionService:
         model_name: The base model's id; a response's ``model`` is it plus the applied stack (:func:`model_id`).
         metrics: Where latencies, tokens and refusals are counted (a private registry by default).
         sampler: Measures patch overhead on a sample of finished requests (off by default).
+        resolver: Fixes each request's patch stack at admission (:meth:`admit`).
     """
 
     def __init__(
@@ -190,12 +191,21 @@ class CompletionService:
         model_name: str,
         metrics: Metrics | None = None,
         sampler: OverheadSampler | None = None,
+        resolver: TenantResolver | None = None,
     ) -> None:
         self.engine = engine
         self.encoder = encoder
         self.model_name = model_name
         self.metrics = metrics or Metrics()
         self.sampler = sampler
+        self.resolver = resolver
+
+    async def admit(self, caller: Caller, model: str | None) -> ResolvedStack:
+        """Fix the request's patch stack, once, from ``model`` and ``X-Patch-Stack``
+        (:meth:`TenantResolver.select`). In a worker thread: a stack's first use composes its layout."""
+        if self.resolver is None:
+            raise RuntimeError("CompletionService has no resolver")
+        return await asyncio.to_thread(self.resolver.select, caller.tenant, caller.stack_header, model, self.model_name)
 
     async def chat(
         self, request: ChatCompletionRequest, stack: ResolvedStack

@@ -21,18 +21,25 @@ from dataclasses import dataclass
 
 import torch
 
-from patches.errors import PatchError, PatchNotFound
+from patches.errors import Forbidden, PatchError, PatchNotFound, StackUnavailable, Unauthenticated
 from patches.format import Patch
 from patches.registry import PatchRegistry
 from patches.stack import Layout, PatchRef, compose_stack, parse_stack
 from patches.tenants import Tenant, TenantConfig, hash_api_key
-from server.errors import APIError
 from server.modelspec import MODEL_PARAM, ModelSpecError, model_name, parse_model
 
 STACK_HEADER = "X-Patch-Stack"
 TENANT_HEADER = "X-Tenant-Id"
 APPLIED_HEADER = "X-Patch-Applied"
 _LAYOUT_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated request, before its stack is fixed (that needs the body's ``model``)."""
+
+    tenant: Tenant
+    stack_header: str | None
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class TenantResolver:
         for tenant in (config or self.config).tenants:
             try:
                 self.resolve(tenant, None)
-            except (PatchError, APIError) as exc:
+            except PatchError as exc:
                 problems.append(f"tenant {tenant.id}: {exc}")
         return problems
 
@@ -97,13 +104,14 @@ class TenantResolver:
         time); otherwise (development mode) the ``X-Tenant-Id`` header does.
 
         Raises:
-            APIError: 401 for a missing or unknown key or tenant, 403 for a mismatched tenant header.
+            Unauthenticated: A missing or unknown key or tenant (401).
+            Forbidden: A tenant header that contradicts the key (403).
         """
         config = self.config
         if config.uses_keys:
             scheme, _, key = (authorization or "").partition(" ")
             if scheme.lower() != "bearer" or not key.strip():
-                raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+                raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
             digest = hash_api_key(key.strip())
             match = None
             for tenant in config.tenants:
@@ -111,15 +119,15 @@ class TenantResolver:
                     if hmac.compare_digest(stored, digest):
                         match = tenant
             if match is None:
-                raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+                raise Unauthenticated("incorrect API key provided", code="invalid_api_key")
             if tenant_id is not None and tenant_id != match.id:
-                raise APIError(403, f"{TENANT_HEADER} does not match the API key's tenant", param=TENANT_HEADER)
+                raise Forbidden(f"{TENANT_HEADER} does not match the API key's tenant", param=TENANT_HEADER)
             return match
         if not tenant_id:
-            raise APIError(401, f"missing {TENANT_HEADER} header (no API keys are configured)", param=TENANT_HEADER)
+            raise Unauthenticated(f"missing {TENANT_HEADER} header (no API keys are configured)", param=TENANT_HEADER)
         tenant = config.get(tenant_id)
         if tenant is None:
-            raise APIError(401, f"unknown tenant {tenant_id!r}", param=TENANT_HEADER)
+            raise Unauthenticated(f"unknown tenant {tenant_id!r}", param=TENANT_HEADER)
         return tenant
 
     def select(self, tenant: Tenant, stack_header: str | None, model: str | None, base: str) -> ResolvedStack:
@@ -155,8 +163,8 @@ class TenantResolver:
         """Resolve a selected stack (``refs``; None for the tenant's default) into patches, layout and salt.
 
         Raises:
-            APIError: 403 (naming ``param``) for a patch the tenant may not select, or ``none`` when not
-                allowed; 503 when the tenant's default stack is not loaded.
+            Forbidden: A patch the tenant may not select, or ``none`` when not allowed (403, naming ``param``).
+            StackUnavailable: The tenant's default stack is not loaded (503).
             PatchNotFound: A selected patch or version that is not loaded (404).
         """
         patches = self.admissible(tenant, refs, param=param)
@@ -170,29 +178,28 @@ class TenantResolver:
         """The patches ``refs`` (None: the default stack) resolve to for ``tenant``, if it may use them.
 
         Raises:
-            APIError, PatchNotFound: As :meth:`resolve_refs`.
+            Forbidden, StackUnavailable, PatchNotFound: As :meth:`resolve_refs`.
         """
         if refs is None:
             try:
                 patches = self._registry.resolve_all(tenant.default_refs)
             except PatchNotFound as exc:
-                raise APIError(503, f"tenant {tenant.id!r} default patch stack is unavailable: {exc}") from exc
+                raise StackUnavailable(f"tenant {tenant.id!r} default patch stack is unavailable: {exc}") from exc
         else:
             if not refs and not tenant.allow_unpatched:
-                raise APIError(403, f"tenant {tenant.id!r} may not disable its patches", param=param)
+                raise Forbidden(f"tenant {tenant.id!r} may not disable its patches", param=param)
             for ref in refs:
                 if ref.name not in tenant.allowed_patches:
-                    raise APIError(403, f"patch {ref.name!r} is not allowed for tenant {tenant.id!r}", param=param)
+                    raise Forbidden(f"patch {ref.name!r} is not allowed for tenant {tenant.id!r}", param=param)
             patches = self._registry.resolve_all(refs)
         if tenant.allowed_signers is not None:
             for patch in patches:
                 if patch.meta.signer not in tenant.allowed_signers:
-                    raise APIError(
-                        403 if refs is not None else 503,
+                    message = (
                         f"patch {patch.ref} is signed by {patch.meta.signer or 'nobody'}, "
-                        f"a signer tenant {tenant.id!r} does not accept",
-                        param=param if refs is not None else None,
+                        f"a signer tenant {tenant.id!r} does not accept"
                     )
+                    raise Forbidden(message, param=param) if refs is not None else StackUnavailable(message)
         return patches
 
     def models(self, tenant: Tenant, base: str) -> list[tuple[str, list[Patch] | None]]:
@@ -202,7 +209,7 @@ class TenantResolver:
         ordered ``+`` combination of the listed patches may be sent as well."""
         try:
             default: list[Patch] | None = self.admissible(tenant, None)
-        except (PatchError, APIError):
+        except PatchError:
             default = None
         out: dict[str, list[Patch] | None] = {base: default}
         candidates = [tenant.default_refs] if tenant.default_refs else []
@@ -217,7 +224,7 @@ class TenantResolver:
         for refs in candidates:
             try:
                 patches = self.admissible(tenant, refs)
-            except (PatchError, APIError):
+            except PatchError:
                 continue  # not servable to this tenant right now (e.g. a signer it does not accept)
             out.setdefault(model_name(base, refs), patches)
         return list(out.items())

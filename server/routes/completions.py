@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.deps import CallerDep, ServiceDep, admit
+from server.deps import CallerDep, ServiceDep, label_stack
 from server.protocol import CompletionRequest
 from server.responses import CompletionResponse
 from server.routes import ERROR_RESPONSES, respond, unless_disconnected
@@ -18,5 +18,6 @@ async def create_completion(
     body: CompletionRequest, caller: CallerDep, service: ServiceDep, request: Request
 ) -> JSONResponse | StreamingResponse:
     """Text completion with the patch stack ``model`` (or ``X-Patch-Stack``, or the tenant) selects."""
-    stack = await admit(request, caller, body.model)
+    stack = await service.admit(caller, body.model)
+    label_stack(request, caller, stack)
     return respond(await unless_disconnected(request, service.complete(body, stack)), stack)
