@@ -75,7 +75,7 @@ def _load_patches_and_tenants(app: FastAPI, settings: Settings, model_dir: Path)
     registry.pinned = resolver.pinned
     registry.listeners.append(app.state.metrics)
     app.state.metrics.watch_registry(lambda: [entry.patch for entry in registry.entries()])
-    registry.load_dir(settings.patch_dir)
+    control.load_all()
     state = app.state
     state.spec, state.registry, state.encoder, state.resolver = spec, registry, encoder, resolver
     state.control, state.watcher, state.admin = control, PatchWatcher(control), AdminService(control)

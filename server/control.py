@@ -12,16 +12,34 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from patches.errors import PatchError, PatchNotFound, TenantConfigError
+from patches.errors import PatchError, PatchNotFound, StateError, TenantConfigError
 from patches.format import Patch
+from patches.oms import bundle_path
 from patches.registry import PatchRegistry
 from patches.signing import Verifier
 from patches.tenants import TenantConfig, load_tenants
 from patches.trust import Revocations
-from server.errors import APIError
 from server.tenancy import TenantResolver
 
 log = logging.getLogger(__name__)
+
+FileIdentity = tuple[int, ...]
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    """(device, inode, size, mtime) of what ``path`` names now, then the same for its OMS bundle (zeros
+    without one), or None if ``path`` cannot be stat-ed: a file or bundle replaced by a rename or
+    rewritten in place gets a new identity."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    try:
+        sig = bundle_path(path).stat()
+        bundle = (sig.st_dev, sig.st_ino, sig.st_size, sig.st_mtime_ns)
+    except OSError:
+        bundle = (0, 0, 0, 0)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, *bundle
 
 
 class ControlPlane:
@@ -57,6 +75,9 @@ class ControlPlane:
         self.revocations_file = revocations_file
         self.admin_key_hash = admin_key_hash
         self.dev_mode = dev_mode
+        # patch file name -> its identity when it was last read; written only by load_all and
+        # file_changed (start-up, then the watcher's thread)
+        self._read: dict[str, FileIdentity] = {}
 
     # -- tenants ---------------------------------------------------------------------------------
     def check_tenants(self, config: TenantConfig, *, at_start: bool = False) -> None:
@@ -86,7 +107,7 @@ class ControlPlane:
             try:
                 config = load_tenants(self.tenants_file)
                 self.check_tenants(config)
-            except (PatchError, APIError) as exc:
+            except PatchError as exc:
                 log.warning("tenant file refused, previous configuration stays: %s", exc)
                 self.resolver.config_error = str(exc)
                 self.registry.notify_rejected("tenant_config")
@@ -120,15 +141,39 @@ class ControlPlane:
             self.registry.purge(condemned)
 
     # -- patches ---------------------------------------------------------------------------------
-    def file_changed(self, path: Path) -> None:
-        """A patch file appeared, changed or disappeared: load it or unload what it held."""
+    def load_all(self) -> None:
+        """Start-up: load every patch file in the directory (refusals are recorded and skipped).
+
+        Raises:
+            StateError: The ledger cannot be written (start-up must not go on without it).
+        """
+        names = [p for p in self.patch_dir.glob("*.safetensors") if not p.name.startswith(".")]
+        seen = {p.name: file_identity(p) for p in names}  # before reading: a file changed meanwhile reloads
+        self.registry.load_dir(self.patch_dir)
+        self._read.update({name: ident for name, ident in seen.items() if ident is not None})
+
+    def file_changed(self, path: Path, *, only_if_new: bool = False) -> None:
+        """A patch file appeared, changed or disappeared: load it or unload what it held.
+
+        ``only_if_new`` (a rescan): skip a file whose identity is the one last read, verified or refused.
+        A ledger write failure leaves the file unread, so the next rescan tries it again.
+        """
+        identity = file_identity(path)
+        if only_if_new and identity is not None and self._read.get(path.name) == identity:
+            return
         try:
             if path.exists() or path.is_symlink():
+                self._read.pop(path.name, None)
                 self.registry.load_file(path)
             else:
+                self._read.pop(path.name, None)
                 self.registry.unload_source(path.name)
+        except StateError:
+            return  # logged and counted by the registry; retried by the next rescan
         except PatchError:
             pass  # recorded by the registry with its reason; the previous state serves on
+        if identity is not None:
+            self._read[path.name] = identity
 
     def upload(self, data: bytes) -> Patch:
         """Verify an uploaded patch file, record it, write it to the patch directory and publish it."""
@@ -147,6 +192,7 @@ class ControlPlane:
             self.registry.unload(name, version)
             if entry.source.endswith(".safetensors"):
                 (self.patch_dir / entry.source).unlink(missing_ok=True)
+                bundle_path(self.patch_dir / entry.source).unlink(missing_ok=True)
         log.info("ADMIN unload: %s@%s", name, version)
 
     def roll_back(self, name: str, version: int) -> list[str]:
