@@ -153,3 +153,106 @@ def test_kill_9_during_uploads_and_ledger_writes_leaves_valid_state(tmp_path: Pa
         for path in (tmp_path / "patches").glob("*.safetensors"):
             patch = parse_patch(path.read_bytes(), expect=spec)  # no torn patch file
             assert state["patches"]["crash"]["versions"][str(patch.version)] == patch.digest  # every file recorded
+
+
+_RELOADER = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from patches.fingerprint import ModelSpec
+    from patches.format import PatchMetadata, dump_patch, parse_patch
+    from patches.registry import PatchRegistry
+    from patches.rollback import VersionLedger
+    from patches.tenants import load_tenants
+    from server.control import ControlPlane
+    from server.tenancy import TenantResolver
+
+    root = Path(sys.argv[1])
+    spec = ModelSpec(fingerprint="sha256:" + "0" * 64, hidden_size=8, max_rows=4, dtype="float32")
+    ledger = VersionLedger(root / "state" / "versions.json")
+    registry = PatchRegistry(lambda data: parse_patch(data, expect=spec), ledger)
+    tenants_file = root / "tenants" / "tenants.yaml"
+    config = load_tenants(tenants_file)
+    resolver = TenantResolver(config, registry, separator_id=0, dtype=torch.float32)
+    control = ControlPlane(registry, resolver, patch_dir=root / "patches", tenants_file=tenants_file)
+    control.check_tenants(config, at_start=True)
+    registry.pinned = resolver.pinned
+    control.load_all()
+    version = registry.ledger.floor("crash") + 1
+    while True:  # reload the swapped tenant file and publish a version (a ledger write), over and over
+        assert control.reload_tenants() is None
+        meta = PatchMetadata(name="crash", version=version, base_model=spec.fingerprint)
+        control.upload(dump_patch(torch.full((4, 8), float(version)), meta))
+        print(version, len(resolver.config.tenants), flush=True)
+        version += 1
+    """
+)
+
+
+def _swap_tenants(directory: Path, generation: int) -> None:
+    """Swap the tenant file the way the kubelet updates a mounted ConfigMap: write a new timestamped
+    directory, then atomically re-point the ``..data`` symlink the file links through."""
+    tenants = [{"id": "app", "default_stack": [], "allowed_patches": ["crash"], "allow_unpatched": True}]
+    tenants += [{"id": f"extra-{i}", "default_stack": [], "allow_unpatched": True} for i in range(generation % 3)]
+    data = directory / f"..{generation:06d}"
+    data.mkdir()
+    (data / "tenants.yaml").write_text(json.dumps({"tenants": tenants}))
+    link = directory / "..data_tmp"
+    link.symlink_to(data.name)
+    link.replace(directory / "..data")
+    if not (directory / "tenants.yaml").is_symlink():
+        (directory / "tenants.yaml").symlink_to("..data/tenants.yaml")
+
+
+def test_kill_9_during_tenant_file_swaps_leaves_the_last_good_config_and_the_floors(tmp_path: Path) -> None:
+    """A real process reloads a tenant file that is being swapped under it (ConfigMap style) while it
+    publishes versions; it is killed with SIGKILL at a different moment each round. After each kill the
+    tenant file is whole, a restart serves the configuration on disk, and no confirmed version is lost."""
+    from patches.fingerprint import ModelSpec
+    from patches.tenants import load_tenants
+
+    for sub in ("patches", "tenants"):
+        (tmp_path / sub).mkdir()
+    generation = 0
+    _swap_tenants(tmp_path / "tenants", generation)
+    spec = ModelSpec(fingerprint="sha256:" + "0" * 64, hidden_size=8, max_rows=4, dtype="float32")
+    confirmed = 0
+    for round_ in range(5):
+        process = subprocess.Popen(
+            [sys.executable, "-c", _RELOADER, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        assert process.stdout is not None
+        for _ in range(4 + round_ * 3):
+            generation += 1
+            _swap_tenants(tmp_path / "tenants", generation)
+            line = process.stdout.readline()
+            assert line, process.stderr.read() if process.stderr else "reloader died"
+            confirmed = max(confirmed, int(line.split()[0]))
+        time.sleep(0.002 * round_)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        on_disk = load_tenants(tmp_path / "tenants" / "tenants.yaml")  # whole: a swap is one rename
+        assert len(on_disk.tenants) == 1 + generation % 3
+        assert VersionLedger(tmp_path / "state" / "versions.json").floor("crash") >= confirmed
+        for path in (tmp_path / "patches").glob("*.safetensors"):
+            parse_patch(path.read_bytes(), expect=spec)  # no torn patch file
+    # the restarted process comes up on the configuration on disk and continues above every floor
+    process = subprocess.Popen(
+        [sys.executable, "-c", _RELOADER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert process.stdout is not None
+    try:
+        version, tenants = (int(x) for x in process.stdout.readline().split())
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert version > confirmed  # no version number is reused after the kills
+    assert tenants == 1 + generation % 3
