@@ -74,6 +74,20 @@ eval: model
 eval-detox: model
 	$(PY) -m bench.detox_eval $(foreach p,$(PATCH),--patch $(p)) $(EVAL_ARGS)
 
+# Fairness patches on a real server: explicit gender-bias score (picks in ambiguous questions, gender attributed
+# to a gender-neutral person), refusals and fluency, bare vs fairness system prompt vs each patch, on the held-out
+# templates and other sources (WinoBias, BBQ). PATCH="a b" (none: bare model and system prompt only);
+# results in var/eval/bias/{heldout,external}/bias.{json,md}.
+.PHONY: eval-bias
+eval-bias: model
+	$(PY) -m bench.bias_eval $(foreach p,$(PATCH),--patch $(p)) $(EVAL_ARGS)
+
+# The control-plane soak of issue 15 on the real engine: 16 streams while 200 swaps, operator rollbacks and
+# tenant reloads run for 10 minutes (the suite runs the same test for 45 s). Override SOAK_SECONDS/SOAK_OPS.
+.PHONY: soak
+soak: model
+	SOAK_SECONDS=$${SOAK_SECONDS:-600} SOAK_OPS=$${SOAK_OPS:-200} $(PY) -m pytest -q tests/integration/test_soak.py
+
 # The server's overhead metric (shadow replays) against the benchmark's measured overhead.
 bench-agreement: model
 	$(PY) -m bench.overhead_agreement

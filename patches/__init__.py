@@ -9,10 +9,13 @@ request's input embeddings. The flow, one public module per step:
 * :mod:`patches.fingerprint` — the base-model fingerprint a patch is bound to.
 * :mod:`patches.signing` / :mod:`patches.trust` — Ed25519 signatures over the content digest, the
   trust store and the revocation list; ``Verifier(trust).verify(data, expect=spec)``.
+* :mod:`patches.oms` — detached OMS (OpenSSF model signing) bundles with EC keys, by the
+  ``model-signing`` package; ``Verifier(trust).verify(data, expect=spec, bundle=bundle)``.
 * :mod:`patches.rollback` — version floors that survive restarts.
 * :mod:`patches.registry` — loaded versions, swapped atomically; resolution of ``name[@version]``.
 * :mod:`patches.stack` — ``X-Patch-Stack`` parsing and the engine-input layout shared with training.
 * :mod:`patches.tenants` — the tenant file: default stacks, allowed patches and signers, key hashes.
+* :mod:`patches.peft_interop` — PEFT prompt-tuning adapters to prefix patches and back.
 * :mod:`patches.audit` / :mod:`patches.cli` — inspect and diff for auditors; the ``patchserve`` CLI.
 
 This package never imports FastAPI, vLLM or :mod:`server`.
@@ -25,6 +28,8 @@ __all__ = [
     "errors",
     "fingerprint",
     "format",
+    "oms",
+    "peft_interop",
     "registry",
     "rollback",
     "signing",

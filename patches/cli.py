@@ -1,7 +1,8 @@
 """The ``patchserve`` command line: model preparation, patch files, signing keys and audits.
 
-Exit codes: 0 success (``diff``: identical), 1 verification failed (``diff``: differences found), 2
-unusable input (missing or malformed file, bad key, wrong file kind).
+Exit codes: 0 success (``diff``: identical), 1 verification failed (``diff``: differences found; ``push``,
+``rollback``: refused by the server), 2 unusable input (missing or malformed file, bad key, wrong file kind,
+no or wrong admin token), 3 a server did not answer or failed (``push``, ``status``, ``rollback``).
 """
 
 from __future__ import annotations
@@ -63,15 +64,17 @@ def _read(path: Path) -> bytes:
 def keygen(
     out_dir: Annotated[Path, typer.Argument(help="Directory for <name>.key (private, 0600) and <name>.pub")],
     name: Annotated[str, typer.Option(help="Base name of the key files")],
+    ec: Annotated[bool, typer.Option("--ec", help="An EC P-256 pair for OMS bundles (sign --oms) instead")] = False,
 ) -> None:
-    """Create an Ed25519 signing key pair and print its key id."""
-    from patches.signing import generate_keypair, key_id, load_public_key
+    """Create an Ed25519 signing key pair (or with --ec an EC P-256 one) and print its key id."""
+    from patches.oms import generate_ec_keypair, load_trusted_key, trusted_key_id
+    from patches.signing import generate_keypair
 
     try:
-        private_path, public_path = generate_keypair(out_dir, name)
+        private_path, public_path = (generate_ec_keypair if ec else generate_keypair)(out_dir, name)
     except (ValueError, FileExistsError) as exc:
         _fail(str(exc))
-    typer.echo(f"key id  {key_id(load_public_key(public_path))}")
+    typer.echo(f"key id  {trusted_key_id(load_trusted_key(public_path))}")
     typer.echo(f"private {private_path}")
     typer.echo(f"public  {public_path}")
 
@@ -79,14 +82,22 @@ def keygen(
 @app.command("sign")
 def sign(
     patch: Annotated[Path, typer.Argument(help="Patch file to sign")],
-    key: Annotated[Path, typer.Option(help="Ed25519 private key (PEM PKCS8)")],
-    out: Annotated[Path | None, typer.Option(help="Write the signed file here (default: sign in place)")] = None,
+    key: Annotated[Path, typer.Option(help="Ed25519 private key (PEM PKCS8); with --oms an EC one")],
+    out: Annotated[
+        Path | None, typer.Option(help="Write the signed file (with --oms: the bundle) here (default: in place)")
+    ] = None,
+    oms: Annotated[
+        bool, typer.Option("--oms", help="Write a detached OMS bundle PATCH.sig instead; the file is unchanged")
+    ] = False,
 ) -> None:
     """Sign a patch file (replacing any older signature) and print its ref, content digest and signer."""
     from patches.format import content_digest, read_patch, write_atomic
     from patches.signing import load_private_key, sign_patch
 
     data = _read(patch)
+    if oms:
+        _sign_oms(patch, key, out)
+        return
     try:
         private_key = load_private_key(key)
     except (OSError, ValueError) as exc:
@@ -107,15 +118,35 @@ def sign(
     typer.echo(f"file    {target}")
 
 
+def _sign_oms(patch: Path, key: Path, out: Path | None) -> None:
+    from patches.format import content_digest, read_patch
+    from patches.oms import sign_bundle
+
+    try:
+        bundle, signer = sign_bundle(patch, key, out)
+    except PatchRejected as exc:
+        _fail(f"[{exc.reason}] {exc}")
+    except ValueError as exc:
+        _fail(f"cannot sign with {key}: {exc}")
+    except OSError as exc:
+        _fail(f"cannot sign {patch}: {exc.strerror or exc}")
+    meta, tensor, raw = read_patch(_read(patch))
+    typer.echo(f"ref     {meta.ref}")
+    typer.echo(f"digest  {content_digest(raw, tensor)}")
+    typer.echo(f"signer  {signer}")
+    typer.echo(f"bundle  {bundle}")
+
+
 @app.command("verify")
 def verify(
     patch: Annotated[Path, typer.Argument(help="Patch file to verify")],
-    trust: Annotated[Path, typer.Option(help="Directory of trusted *.pub keys")],
+    trust: Annotated[Path, typer.Option(help="Directory of trusted *.pub keys (Ed25519, and EC for OMS bundles)")],
     revocations: Annotated[Path | None, typer.Option(help="Revocation list (YAML)")] = None,
     model: Annotated[Path | None, typer.Option(help="Model dir (default: the embedded model)")] = None,
 ) -> None:
     """Verify a patch against trusted keys, revocations and a model: exit 0 if it would be served, else 1."""
     from patches.fingerprint import model_spec
+    from patches.oms import read_bundle
     from patches.signing import Verifier
     from patches.trust import Revocations, TrustStore
 
@@ -131,10 +162,13 @@ def verify(
     except (OSError, KeyError, ValueError) as exc:
         _fail(f"cannot read the model: {exc}")
     try:
-        result = Verifier(store, revoked).verify(_read(patch), expect=spec)
+        bundle = read_bundle(patch)  # PATCH.sig beside it: the OMS bundle decides (patches.oms)
+        result = Verifier(store, revoked).verify(_read(patch), expect=spec, bundle=bundle)
     except PatchRejected as exc:
         _fail(f"[{exc.reason}] {exc}", code=1)
-    typer.echo(f"OK {result.ref} signed by {result.meta.signer}")
+    except OSError as exc:
+        _fail(f"cannot read the OMS bundle of {patch}: {exc.strerror}")
+    typer.echo(f"OK {result.ref} signed by {result.meta.signer}" + (" (OMS bundle)" if bundle is not None else ""))
 
 
 def _inspect(patch: Path) -> dict[str, object]:
@@ -228,7 +262,9 @@ def diff(
         raise typer.Exit(1)
 
 
-from patches import cli_training  # noqa: E402, F401 - registers train, eval, continuation-sets, eval-sets
+from patches import cli_peft  # noqa: E402, F401, I001 - registers import-peft, export-peft
+from patches import cli_training  # noqa: E402, F401 - registers train, eval, bias-sets, continuation-sets, eval-sets
+from patches import cli_ops  # noqa: E402, F401 - registers push, status, rollback (over the admin API)
 
 if __name__ == "__main__":
     app()

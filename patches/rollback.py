@@ -154,6 +154,11 @@ class VersionLedger:
     def withdrawn(self) -> set[str]:
         return {d for entry in self._state["patches"].values() for d in entry["withdrawn"]}
 
+    def withdrawn_versions(self) -> dict[str, list[int]]:
+        """Per name (only names with any), the versions operator rollbacks withdrew, ascending."""
+        patches = self._state["patches"]
+        return {n: sorted(set(patches[n]["withdrawn"].values())) for n in sorted(patches) if patches[n]["withdrawn"]}
+
     def check(self, name: str, version: int, digest: str) -> None:
         """Raise :class:`RollbackError` if ``name@version`` may not serve, by the last-read state."""
         _check(self._state, name, version, digest)

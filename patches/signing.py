@@ -11,7 +11,8 @@ changed, and no signature moved to another file, without detection.
 
 Keys on disk: private keys are unencrypted PEM PKCS8 (mode 0600), public keys PEM
 SubjectPublicKeyInfo. Only Ed25519 keys are accepted. Which keys are trusted and which keys or patches
-are revoked is :mod:`patches.trust`'s business.
+are revoked is :mod:`patches.trust`'s business. A detached OMS bundle (EC keys, :mod:`patches.oms`) may
+stand in for the embedded signature: :meth:`Verifier.verify` with ``bundle``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from patches.errors import PatchRejected, RejectReason, SignatureError
@@ -37,7 +39,8 @@ if TYPE_CHECKING:
     from patches.trust import Revocations, TrustStore
 
 KEY_ID_PREFIX = "ed25519:"
-KEY_ID_RE = re.compile(r"ed25519:[0-9a-f]{32}")
+# Ed25519 ids (this module) and EC ids (OMS bundles, :mod:`patches.oms`) share one form.
+KEY_ID_RE = re.compile(r"(?:ed25519|ecdsa):[0-9a-f]{32}")
 SIGNATURE_DOMAIN = FORMAT_V1.encode() + b"\n"
 _KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SIGNATURE_BYTES = 64
@@ -82,6 +85,19 @@ def generate_keypair(out_dir: Path, name: str) -> tuple[Path, Path]:
         ValueError: ``name`` is not a plain file name.
         FileExistsError: Either file already exists; nothing is overwritten.
     """
+    return write_keypair(out_dir, name, Ed25519PrivateKey.generate())
+
+
+def write_keypair(
+    out_dir: Path, name: str, private_key: Ed25519PrivateKey | EllipticCurvePrivateKey
+) -> tuple[Path, Path]:
+    """Write ``private_key`` as ``<name>.key`` (unencrypted PKCS8 PEM, mode 0600) and its public key as
+    ``<name>.pub`` (PEM SubjectPublicKeyInfo). :mod:`patches.oms` writes its EC keys with it.
+
+    Raises:
+        ValueError: ``name`` is not a plain file name.
+        FileExistsError: Either file already exists; nothing is overwritten.
+    """
     if not _KEY_NAME_RE.fullmatch(name):
         raise ValueError(f"invalid key name {name!r}: use 1-64 of letters, digits, '.', '_', '-'")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +105,6 @@ def generate_keypair(out_dir: Path, name: str) -> tuple[Path, Path]:
     for path in (private_path, public_path):
         if path.exists():
             raise FileExistsError(f"{path.name} already exists; refusing to overwrite a key")
-    private_key = Ed25519PrivateKey.generate()
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -204,7 +219,8 @@ class Verifier:
     also for unsigned files); the file carries no signature (``unsigned``, unless ``allow_unsigned``);
     the signer is not in the trust store (``unknown_key``); the signature is not valid base64 of 64
     bytes or does not match the content (``bad_signature``). Revocations come first because they are
-    the operator's most specific statement about a file.
+    the operator's most specific statement about a file. A file verified with a detached OMS bundle
+    goes through :func:`patches.oms.verify_bundle` instead, whose checks follow the same order.
 
     The ``trust_store`` and ``revocations`` attributes may be replaced while the verifier is in use
     (reference swap); each verification uses one snapshot of each.
@@ -227,12 +243,14 @@ class Verifier:
         self.revocations = revocations
         self.allow_unsigned = allow_unsigned
 
-    def verify(self, data: bytes, *, expect: ModelSpec) -> Patch:
+    def verify(self, data: bytes, *, expect: ModelSpec, bundle: bytes | None = None) -> Patch:
         """Validate and verify patch bytes; return the patch or raise.
 
         Args:
             data: The patch file's bytes.
             expect: The served model the patch must match.
+            bundle: A detached OMS bundle over ``data`` (:func:`patches.oms.verify_bundle`). When given,
+                it alone decides: the file's own ``signer`` and ``signature`` fields are not looked at.
 
         Returns:
             The validated patch; ``patch.meta.signer`` is the verified key id (None only for an
@@ -243,8 +261,12 @@ class Verifier:
             PatchRejected: ``revoked``, or any format or model check of :func:`parse_patch`.
         """
         patch = parse_patch(data, expect=expect)
-        signer, signature = patch.meta.signer, patch.meta.signature
         revocations = self.revocations  # one snapshot: the list may be swapped while this runs
+        if bundle is not None:
+            from patches.oms import verify_bundle  # here: patches.oms builds on this module
+
+            return verify_bundle(patch, data, bundle, self.trust_store, revocations)
+        signer, signature = patch.meta.signer, patch.meta.signature
         if signer is not None and revocations is not None and revocations.is_key_revoked(signer):
             raise PatchRejected(RejectReason.revoked, f"patch {patch.ref} is signed by revoked key {signer}")
         if revocations is not None and revocations.is_patch_revoked(patch.digest):
@@ -260,7 +282,7 @@ class Verifier:
         if signer is None:
             raise SignatureError(RejectReason.bad_signature, f"patch {patch.ref} has a signature but no signer")
         public_key = self.trust_store.get(signer)  # read once
-        if public_key is None:
+        if not isinstance(public_key, Ed25519PublicKey):  # None, or an EC key: those sign OMS bundles only
             raise SignatureError(
                 RejectReason.unknown_key, f"patch {patch.ref} is signed by unknown key {_shown(signer)}"
             )
@@ -278,7 +300,8 @@ class Verifier:
         return patch
 
     def verify_file(self, path: Path, *, expect: ModelSpec) -> Patch:
-        """Read ``path`` and :meth:`verify` it (messages never contain the path).
+        """Read ``path`` (and the OMS bundle beside it, if there is one) and :meth:`verify` it (messages
+        never contain the path).
 
         Args:
             path: The patch file.
@@ -292,4 +315,6 @@ class Verifier:
             PatchRejected: See :meth:`verify`.
             OSError: The file cannot be read.
         """
-        return self.verify(path.read_bytes(), expect=expect)
+        from patches.oms import read_bundle  # here: patches.oms builds on this module
+
+        return self.verify(path.read_bytes(), expect=expect, bundle=read_bundle(path))

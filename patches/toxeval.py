@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 
 from patches.continuations import Continuation
 from patches.evaluate import Variant, continuation_nll
@@ -247,9 +248,10 @@ def run(
     model: Path | None = None,
     out: Path = Path("var/eval/toxicity"),
     scorer: Scorer | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[str, dict[str, Path]]:
-    """The whole evaluation: sample, score, add fluency under the bare model, write the reports; returns the
-    markdown table and the written paths."""
+    """The whole evaluation: sample, score, add fluency under the bare model (on ``device``, bf16 weights on
+    cuda), write the reports; returns the markdown table and the written paths."""
     from patches.basemodel import prepare_default_model
     from patches.continuations import read_continuations
     from patches.toxicity import default_scorer
@@ -263,6 +265,6 @@ def run(
     scorer = scorer or default_scorer()
     scorer.score(["load check"])  # fail before any request when the classifier is missing
     results = asyncio.run(collect(url, variants, prompts, scorer, k=k, max_tokens=max_tokens))
-    base_model, tokenizer = load_base(model or prepare_default_model())
+    base_model, tokenizer = load_base(model or prepare_default_model(), device, bf16=True)
     add_fluency(results, base_model, tokenizer, baseline)
     return markdown(results, len(prompts), baseline), write_reports(results, out, len(prompts), baseline)

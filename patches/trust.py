@@ -1,11 +1,13 @@
 """Which signing keys are trusted, and which keys and patches are revoked.
 
-Trust store: a directory of ``*.pub`` files (PEM SubjectPublicKeyInfo, Ed25519). A key is known by
-its key id (:func:`patches.signing.key_id`), computed from the key itself; file names do not matter.
+Trust store: a directory of ``*.pub`` files (PEM SubjectPublicKeyInfo): Ed25519 keys for embedded
+signatures, EC P-256/384/521 keys for detached OMS bundles (:mod:`patches.oms`). A key is known by its
+key id (:func:`patches.oms.trusted_key_id`: ``ed25519:…`` or ``ecdsa:…``), computed from the key itself;
+file names do not matter.
 
 Revocation list (YAML)::
 
-    revoked_keys: ["ed25519:<32 hex>"]           # every patch signed by these keys is refused
+    revoked_keys: ["ed25519:<32 hex>", "ecdsa:<32 hex>"]  # every patch signed by these keys is refused
     revoked_patches: ["sha256:<64 hex>"]         # content digests of individual patches
 """
 
@@ -18,43 +20,42 @@ from pathlib import Path
 from types import MappingProxyType
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from patches.signing import KEY_ID_RE, key_id, load_public_key
+from patches.oms import load_trusted_key, trusted_key_id
+from patches.signing import KEY_ID_RE
+
+TrustedKey = Ed25519PublicKey | EllipticCurvePublicKey
 
 PATCH_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _REVOCATION_FIELDS = {"revoked_keys": KEY_ID_RE, "revoked_patches": PATCH_DIGEST_RE}
 
 
 class TrustStore:
-    """The trusted Ed25519 public keys, by key id. Immutable; an empty store trusts nothing.
+    """The trusted public keys (Ed25519 and EC), by key id. Immutable; an empty store trusts nothing.
 
     Args:
         keys: Key id to public key.
     """
 
-    def __init__(self, keys: Mapping[str, Ed25519PublicKey] | None = None) -> None:
-        self._keys: Mapping[str, Ed25519PublicKey] = MappingProxyType(dict(keys or {}))
+    def __init__(self, keys: Mapping[str, TrustedKey] | None = None) -> None:
+        self._keys: Mapping[str, TrustedKey] = MappingProxyType(dict(keys or {}))
 
     @classmethod
-    def from_keys(cls, keys: Iterable[Ed25519PublicKey]) -> TrustStore:
+    def from_keys(cls, keys: Iterable[TrustedKey]) -> TrustStore:
         """A trust store holding ``keys`` (ids computed from the keys).
 
         Args:
-            keys: Ed25519 public keys.
+            keys: Ed25519 public keys, or EC public keys on P-256, P-384 or P-521.
 
         Returns:
             The trust store.
 
         Raises:
-            TypeError: A key is not an Ed25519 public key.
+            TypeError: A key is of another type or curve.
         """
-        out: dict[str, Ed25519PublicKey] = {}
-        for key in keys:
-            if not isinstance(key, Ed25519PublicKey):
-                raise TypeError(f"trust store keys must be Ed25519 public keys, got {type(key).__name__}")
-            out[key_id(key)] = key
-        return cls(out)
+        return cls({trusted_key_id(key): key for key in keys})
 
     @classmethod
     def load(cls, path: Path) -> TrustStore:
@@ -68,7 +69,7 @@ class TrustStore:
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            ValueError: A ``*.pub`` file is not a PEM Ed25519 public key (names the file).
+            ValueError: A ``*.pub`` file is not a PEM Ed25519 or supported EC public key (names the file).
         """
         if path.is_dir():
             files = sorted(path.glob("*.pub"))
@@ -76,9 +77,9 @@ class TrustStore:
             files = [path]
         else:
             raise FileNotFoundError(f"trust store {path.name!r} does not exist")
-        return cls.from_keys(load_public_key(file) for file in files)
+        return cls.from_keys(load_trusted_key(file) for file in files)
 
-    def get(self, kid: str) -> Ed25519PublicKey | None:
+    def get(self, kid: str) -> TrustedKey | None:
         """The trusted public key with id ``kid``, or None.
 
         Args:
@@ -109,7 +110,7 @@ class Revocations:
     """Revoked signing keys (key ids) and revoked patches (content digests).
 
     Attributes:
-        keys: Revoked key ids, ``ed25519:<32 hex>``.
+        keys: Revoked key ids, ``ed25519:<32 hex>`` or ``ecdsa:<32 hex>``.
         patches: Revoked content digests, ``sha256:<64 hex>``.
     """
 
@@ -146,7 +147,7 @@ class Revocations:
                 raise ValueError(f"{name} must be a list, got {type(entries).__name__}")
             for entry in entries:
                 if not isinstance(entry, str) or not pattern.fullmatch(entry):
-                    expected = "ed25519:<32 hex>" if name == "revoked_keys" else "sha256:<64 hex>"
+                    expected = "ed25519:<32 hex> or ecdsa:<32 hex>" if name == "revoked_keys" else "sha256:<64 hex>"
                     raise ValueError(f"invalid {name} entry {entry!r}: expected {expected}")
             parsed[name] = frozenset(entries)
         return cls(keys=parsed["revoked_keys"], patches=parsed["revoked_patches"])

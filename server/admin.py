@@ -37,6 +37,7 @@ class AdminListing(BaseModel):
     rejections: list[AdminRejection]
     tenant_config_error: str | None = None
     version_floors: dict[str, int]
+    withdrawn_versions: dict[str, list[int]]  # by operator rollbacks: refused wherever their files turn up
     state_serial: int
     state_error: str | None = None
 
@@ -91,6 +92,7 @@ class AdminService:
             ],
             tenant_config_error=self.resolver.config_error,
             version_floors={name: self.registry.ledger.floor(name) for name in sorted(self.registry.names())},
+            withdrawn_versions=self.registry.ledger.withdrawn_versions(),
             state_serial=self.registry.ledger.serial,
             state_error=self.registry.ledger.error,
         )

@@ -96,7 +96,12 @@ async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
         app.state.model_name = name
         await asyncio.to_thread(_load_patches_and_tenants, app, settings, model_dir)
         _start_background(app, settings)
-        config = EngineConfig(model_dir=model_dir, served_model_name=name, **settings.model_dump(include=set(TUNABLES)))
+        config = EngineConfig(
+            model_dir=model_dir,
+            served_model_name=name,
+            **settings.model_dump(include=set(TUNABLES)),
+            extra_args=dict(settings.engine_args),
+        )
         engine = app.state.engine = await engine_factory(config)
         app.state.sampler = OverheadSampler(
             engine,

@@ -12,8 +12,9 @@ across tenants or patch versions); see :mod:`server.tenancy` for why that keeps 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +25,7 @@ from patches.stack import Layout
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,72 @@ class EngineConfig:
     block_size: int = 32
     gpu_memory_utilization: float = 0.3
     enforce_eager: bool = False
+    extra_args: dict[str, Any] = field(default_factory=dict)  # PATCHSERVE_ENGINE_ARGS, see check_engine_args
+
+
+# Engine arguments the server sets itself: overriding them would break patching (prompt embeddings),
+# the served model and tokenizer (the prompt encoder and patch fingerprints use the model directory),
+# security (no remote code), metrics (stats) or response_format (structured outputs).
+OWNED_ARGS = frozenset(
+    {
+        "model",
+        "served_model_name",
+        "tokenizer",
+        "skip_tokenizer_init",
+        "enable_prompt_embeds",
+        "enable_prefix_caching",
+        "trust_remote_code",
+        "disable_log_stats",
+        "structured_outputs_config",
+    }
+)
+
+
+def check_engine_args(extra: Mapping[str, Any]) -> None:
+    """Refuse pass-through engine arguments that vLLM's ``AsyncEngineArgs`` does not have, or that the
+    server sets itself (``OWNED_ARGS``, and the ``TUNABLES`` that have their own setting).
+
+    Raises:
+        ValueError: Naming the first offending key.
+    """
+    if not extra:
+        return
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    for key in extra:
+        if key in TUNABLES:
+            raise ValueError(f"engine argument {key!r} has its own setting: use PATCHSERVE_{key.upper()}")
+        if key in OWNED_ARGS:
+            raise ValueError(f"engine argument {key!r} is set by patchserve itself and cannot be overridden")
+        if key not in known:
+            raise ValueError(f"unknown vLLM engine argument {key!r} (not a field of vllm AsyncEngineArgs)")
+
+
+def build_engine_args(config: EngineConfig) -> AsyncEngineArgs:
+    """vLLM's engine arguments for ``config``: the server's own, then the checked pass-through ones.
+
+    Raises:
+        ValueError: A pass-through key is unknown or owned by the server (:func:`check_engine_args`).
+    """
+    from vllm.config import StructuredOutputsConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    check_engine_args(config.extra_args)
+    return AsyncEngineArgs(
+        model=str(config.model_dir),
+        served_model_name=config.served_model_name,
+        **{name: getattr(config, name) for name in TUNABLES},
+        enable_prompt_embeds=True,
+        enable_prefix_caching=True,
+        trust_remote_code=False,  # security: never run model-repo code
+        disable_log_stats=False,
+        # response_format JSON without free whitespace between tokens: a small model constrained to
+        # JSON otherwise tends to emit whitespace until max_tokens, which is valid but never ends.
+        # (vLLM allows that only with a named backend; a schema xgrammar cannot compile is a 400.)
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+        **config.extra_args,
+    )
 
 
 class VllmEngine:
@@ -154,23 +222,9 @@ class VllmEngine:
     @classmethod
     async def start(cls, config: EngineConfig) -> VllmEngine:
         """Start the engine (spawns vLLM's engine-core process; tens of seconds)."""
-        from vllm.config import StructuredOutputsConfig
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=str(config.model_dir),
-            served_model_name=config.served_model_name,
-            **{name: getattr(config, name) for name in TUNABLES},
-            enable_prompt_embeds=True,
-            enable_prefix_caching=True,
-            trust_remote_code=False,  # security: never run model-repo code
-            disable_log_stats=False,
-            # response_format JSON without free whitespace between tokens: a small model constrained to
-            # JSON otherwise tends to emit whitespace until max_tokens, which is valid but never ends.
-            # (vLLM allows that only with a named backend; a schema xgrammar cannot compile is a 400.)
-            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
-        )
+        args = build_engine_args(config)
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         return cls(llm, config)
 

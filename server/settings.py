@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from patches.basemodel import default_cache_dir
+from server.engine import check_engine_args
 
 log = logging.getLogger(__name__)
 CONFIG_FILE_ENV = "PATCHSERVE_CONFIG_FILE"
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
         0.3, gt=0, le=1, description="Share of accelerator memory (of RAM on CPU) for weights and KV cache."
     )
     enforce_eager: bool = Field(False, description="Skip graph compilation: ~4x faster start, ~5% slower.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description='More vLLM engine arguments, as JSON (e.g. {"tensor_parallel_size": 2}); unknown keys fail.',
+    )
     max_patch_tokens: int = Field(256, ge=1, description="Most virtual tokens one patch may carry.")
     max_request_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest API request body; larger is refused (413) as it streams in."
@@ -72,6 +77,12 @@ class Settings(BaseSettings):
     metrics_max_stacks: int = Field(256, ge=1, description="Distinct stack label values before 'other'.")
     drain_timeout: int = Field(30, ge=0, description="Seconds SIGTERM waits for in-flight requests to finish.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("engine_args")
+    @classmethod
+    def _check_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_engine_args(value)  # imports vLLM, only when there are arguments to check
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
+from patches.device import resolve_device
 from patches.stack import Placement
 
 
@@ -84,7 +85,11 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed of data order, init and noise"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
     bf16: bool = field(
-        default=True, metadata={"help": "bfloat16 autocast (about 1.8x faster on CPUs with AVX512-BF16)"}
+        default=True,
+        metadata={"help": "bfloat16: autocast on CPU (about 1.8x faster with AVX512-BF16), bf16 weights on CUDA"},
+    )
+    device: str = field(
+        default="auto", metadata={"help": "'auto' (cuda if available), 'cpu' or 'cuda'; resolved on construction"}
     )
     work_dir: Path = field(default=Path("var/train"), metadata={"help": "Checkpoints and cached teacher answers"})
     out: Path | None = field(
@@ -93,7 +98,7 @@ class TrainConfig:
     key: Path | None = field(default=None, metadata={"help": "Ed25519 private key to sign the patch with"})
     description: str = field(default="", metadata={"help": "Patch description"})
     # --task detox (patches/train/detox.py): continuation prompts, sampled teacher; checked by detox_checks()
-    task: str = field(default="refusal", metadata={"help": "'refusal' (harmful/benign prompts) or 'detox'"})
+    task: str = field(default="refusal", metadata={"help": "'refusal' (harmful/benign prompts), 'detox' or 'fairness'"})
     continuations: list[Path] = field(
         default_factory=list, metadata={"help": "detox: files of openings to continue (default: RealToxicityPrompts)"}
     )
@@ -104,11 +109,16 @@ class TrainConfig:
         default=0.1, metadata={"help": "detox: least score gap between chosen and rejected for a DPO pair"}
     )
     min_tokens: int = field(default=4, metadata={"help": "detox: a chosen continuation has at least this many tokens"})
+    # --task fairness (patches/train/fairness.py): the bias templates; --holdout splits them by template
+    fairness_benign: int = field(
+        default=300, metadata={"help": "fairness: benign prompts (refusal task's files) kept close to the bare model"}
+    )
 
     def detox_checks(self) -> None:
         """The ``--task detox`` fields' checks (``refusal`` ignores them)."""
         checks = [
-            (self.task in ("refusal", "detox"), "task", self.task),
+            (self.task in ("refusal", "detox", "fairness"), "task", self.task),
+            (self.fairness_benign >= 0, "fairness_benign", self.fairness_benign),
             (self.samples >= 2, "samples", self.samples),
             (self.continuation_tokens >= 4, "continuation_tokens", self.continuation_tokens),
             (self.sample_temperature > 0, "sample_temperature", self.sample_temperature),
@@ -142,6 +152,10 @@ class TrainConfig:
         for ok, name, value in checks:
             if not ok:
                 raise ValueError(f"invalid training config: {name}={value!r}")
+        try:
+            self.device = resolve_device(self.device).type
+        except ValueError as exc:
+            raise ValueError(f"invalid training config: {exc}") from None
 
     @classmethod
     def help(cls) -> dict[str, str]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from patches.device import autocast, precision_tag
 from patches.refusal import is_refusal
 from patches.toxicity import TOXIC, Scorer
 from patches.train.model import Example
@@ -96,7 +97,7 @@ def sample_continuations(
     Prompts are generated ``batch_prompts`` at a time (left-padded), each chunk from its own seed (a hash
     of ``seed`` and the chunk's prompts) without touching the global RNG state.
     """
-    tag = f"{model_tag}:{'bf16' if bf16 else 'fp32'}:k{k}:t{max_tokens}:T{temperature}:s{seed}"
+    tag = f"{model_tag}:{precision_tag(model.device, bf16)}:k{k}:t{max_tokens}:T{temperature}:s{seed}"
     known: dict[str, list[Sample]] = {}
     if cache.exists():
         for line in cache.read_text(encoding="utf-8").splitlines():
@@ -107,14 +108,13 @@ def sample_continuations(
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    with cache.open("a", encoding="utf-8") as out, torch.no_grad(), autocast:
+    with cache.open("a", encoding="utf-8") as out, torch.no_grad(), autocast(model.device, bf16):
         for start in range(0, len(todo), batch_prompts):
             chunk = todo[start : start + batch_prompts]
             ids = [encode_raw(tokenizer, p) for p in chunk]
             width = max(len(i) for i in ids)
-            input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+            input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=model.device)
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=model.device)
             with torch.random.fork_rng():
                 torch.manual_seed(_seed(seed, chunk))
                 generated = model.generate(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from patches.device import autocast
 from patches.train.model import Example, PatchModel
 
 
@@ -34,7 +35,7 @@ def with_reference(
 ) -> list[Pair]:
     """Attach the reference policy's log-probs (``reference_rows`` laid out, or no patch) to every pair."""
     out = []
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), autocast(model.rows.device, bf16):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             logps = model.sequence_logps([p.chosen for p in chunk] + [p.rejected for p in chunk], reference_rows)
@@ -49,11 +50,11 @@ def dpo_loss(model: PatchModel, batch: list[Pair], *, beta: float, nll_weight: f
     the policy cannot win the margin by making every answer less fluent)."""
     logps = model.sequence_logps([p.chosen for p in batch] + [p.rejected for p in batch], model.rows)
     chosen, rejected = logps[: len(batch)], logps[len(batch) :]
-    ref_chosen = torch.tensor([p.ref_chosen for p in batch])
-    ref_rejected = torch.tensor([p.ref_rejected for p in batch])
+    ref_chosen = torch.tensor([p.ref_chosen for p in batch], device=chosen.device)
+    ref_rejected = torch.tensor([p.ref_rejected for p in batch], device=chosen.device)
     margin = (chosen - ref_chosen) - (rejected - ref_rejected)
     loss = -F.logsigmoid(beta * margin).mean()
     if nll_weight:
-        tokens = torch.tensor([len(p.chosen.response_ids) for p in batch], dtype=chosen.dtype)
+        tokens = torch.tensor([len(p.chosen.response_ids) for p in batch], dtype=chosen.dtype, device=chosen.device)
         loss = loss + nll_weight * (-chosen / tokens).mean()
     return loss

@@ -17,6 +17,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
+from patches.device import autocast
+
 T = TypeVar("T")
 CHECKPOINT_EVERY = 10
 
@@ -51,7 +53,7 @@ def _restore(path: Path, prefix: torch.nn.Parameter, optimizer: torch.optim.Adam
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    tensors = load_file(str(path))
+    tensors = load_file(str(path), device=str(prefix.device))
     with torch.no_grad():
         prefix.copy_(tensors["prefix"])
     if "exp_avg" in tensors:
@@ -98,7 +100,7 @@ def run_stage(
             for group in optimizer.param_groups:  # 5 warm-up steps, then linear decay to zero
                 group["lr"] = lr * min(1.0, (step + 1) / 5) * (1 - step / total)
             optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with autocast(prefix.device, bf16):
                 loss = loss_fn(batch)
             loss.backward()
             optimizer.step()

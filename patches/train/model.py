@@ -18,18 +18,23 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from patches.chat import encode_chat
+from patches.device import weight_dtype
 from patches.stack import Layout, Placement, compose_stack, inputs_embeds
 from patches.textinit import DEFAULT_INIT_TEXT, text_init_rows
 from patches.train.config import InitMode, TrainConfig
 
 
-def load_base(model_dir: Path) -> tuple[Any, Any]:
-    """The frozen base model (float32 on CPU) and its tokenizer; no remote code, safetensors only."""
+def load_base(model_dir: Path, device: torch.device | str = "cpu", *, bf16: bool = False) -> tuple[Any, Any]:
+    """The frozen base model on ``device`` and its tokenizer; no remote code, safetensors only.
+
+    Float32, except bfloat16 weights on CUDA with ``bf16`` (:func:`patches.device.weight_dtype`).
+    """
+    device = torch.device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+        model_dir, dtype=weight_dtype(device, bf16), trust_remote_code=False, use_safetensors=True
     )
-    model.eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     return model, tokenizer
 
 
@@ -120,15 +125,16 @@ class PatchModel:
     def response_logits(self, examples: list[Example], rows: torch.Tensor | None) -> ResponseLogits:
         """Run the batch with ``rows`` laid out around each prompt (``None``: no patch)."""
         layout = self.layout(rows)
+        device = self._embedding.weight.device
         seqs, starts = [], []
         for e in examples:
             head = inputs_embeds(layout, e.prompt_ids, self._embedding)
-            tail = self._embedding(torch.tensor(e.response_ids, dtype=torch.long))
+            tail = self._embedding(torch.tensor(e.response_ids, dtype=torch.long, device=device))
             seqs.append(torch.cat([head, tail.to(head.dtype)]))
             starts.append(len(head))
         width = max(len(s) for s in seqs)
         embeds = torch.stack([F.pad(s, (0, 0, 0, width - len(s))) for s in seqs])
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
         states = self.base.base_model(inputs_embeds=embeds, attention_mask=attention).last_hidden_state
         longest = max(len(e.response_ids) for e in examples)
         picked, targets, mask = [], [], []
@@ -138,7 +144,7 @@ class PatchModel:
             targets.append(e.response_ids + [0] * (longest - n))
             mask.append([True] * n + [False] * (longest - n))
         logits = self.base.get_output_embeddings()(torch.stack(picked))
-        return ResponseLogits(logits, torch.tensor(targets), torch.tensor(mask))
+        return ResponseLogits(logits, torch.tensor(targets, device=device), torch.tensor(mask, device=device))
 
     def sequence_logps(self, examples: list[Example], rows: torch.Tensor | None) -> torch.Tensor:
         """``[batch]`` summed log-probability of each example's response."""

@@ -52,7 +52,7 @@ def _teacher_targets(
     if config.teacher == "policy":
         return {p.text: policy_refusal(p.text) if p.harmful else base_answers[p.text] for p in prompts}
     teacher_dir = Path(config.teacher)
-    teacher, tokenizer = load_base(teacher_dir)
+    teacher, tokenizer = load_base(teacher_dir, config.device, bf16=config.bf16)
     return generate_answers(
         teacher,
         tokenizer,
@@ -72,6 +72,11 @@ def _starting_patch(path: Path, model_dir: Path, config: TrainConfig) -> Patch:
     if start.placement != config.placement:
         raise ValueError(f"--init-from {start.ref} is a {start.placement} patch; --placement is {config.placement}")
     return start
+
+
+def _trainable(start: torch.Tensor, config: TrainConfig) -> torch.nn.Parameter:
+    """The patch rows as the trained parameter: float32 (also over bf16 weights), on the config's device."""
+    return torch.nn.Parameter(start.detach().to(config.device, torch.float32).clone())
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     counts = {"harmful": sum(p.harmful for p in prompts), "benign": sum(not p.harmful for p in prompts)}
     console.print(f"training on {counts}; held out {len(heldout)} prompts → {heldout_paths[0].parent}")
 
-    base, tokenizer = load_base(model_dir)
+    base, tokenizer = load_base(model_dir, config.device, bf16=config.bf16)
+    console.print(f"device {config.device}, {'bf16' if config.bf16 else 'fp32'}")
     with progress_bar() as bar:
         task = bar.add_task("base answers", total=len(prompts), info="(cached for re-runs)")
         base_answers = generate_answers(
@@ -159,7 +165,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         )
     targets = _teacher_targets(config, prompts, base_answers, work)
 
-    rows = torch.nn.Parameter(start.rows.clone() if start is not None else initial_rows(base, tokenizer, config))
+    rows = _trainable(start.rows if start is not None else initial_rows(base, tokenizer, config), config)
     model = PatchModel(base, rows, config.placement)
     common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
     sft_items = [
@@ -232,7 +238,7 @@ def _write_patch(config: TrainConfig, rows: torch.Tensor, fingerprint: str, desc
         description=config.description or description,
         placement=config.placement,
     )
-    data = dump_patch(rows.detach().to(torch.float32).clone(), meta)
+    data = dump_patch(rows.detach().to("cpu", torch.float32).clone(), meta)
     if config.key is not None:
         data = sign_patch(data, load_private_key(config.key))
     write_atomic(out, data)
@@ -291,7 +297,7 @@ def train_detox(config: TrainConfig, console: Console | None = None, scorer: Sco
     prompts = [p.text for p in train_set]
     console.print(f"detox: {len(prompts)} training openings; held out {len(heldout)} → {heldout_path}")
 
-    base, tokenizer = load_base(model_dir)
+    base, tokenizer = load_base(model_dir, config.device, bf16=config.bf16)
     with progress_bar() as bar:
         task = bar.add_task(f"{config.samples} samples each", total=len(prompts), info="(cached for re-runs)")
         samples = detox.sample_continuations(
@@ -316,7 +322,7 @@ def train_detox(config: TrainConfig, console: Console | None = None, scorer: Sco
         raise ValueError("detox: no opening has a clean continuation to learn from")
 
     init_config = config if config.init_text is not None else replace(config, init_text=continuations.DETOX_INIT_TEXT)
-    rows = torch.nn.Parameter(start.rows.clone() if start is not None else initial_rows(base, tokenizer, init_config))
+    rows = _trainable(start.rows if start is not None else initial_rows(base, tokenizer, init_config), config)
     model = PatchModel(base, rows, config.placement)
     common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
     n = config.continuation_tokens

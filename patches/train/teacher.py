@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from patches.chat import encode_chat
+from patches.device import autocast, precision_tag
 
 _OPENINGS = (
     "I can't help with that.",
@@ -70,7 +71,7 @@ def generate_answers(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, str]:
     """Greedy answers of ``model`` to ``prompts`` (chat-templated, no patch), cached in ``cache`` (JSONL)."""
-    model_tag = f"{model_tag}:{'bf16' if bf16 else 'fp32'}"
+    model_tag = f"{model_tag}:{precision_tag(model.device, bf16)}"
     known: dict[str, str] = {}
     if cache.exists():
         for line in cache.read_text(encoding="utf-8").splitlines():
@@ -79,15 +80,14 @@ def generate_answers(
     todo = [p for p in dict.fromkeys(prompts) if _cache_key(model_tag, p, max_tokens) not in known]
     cache.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.padding_side = "left"
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    with cache.open("a", encoding="utf-8") as out, torch.no_grad(), autocast:
+    with cache.open("a", encoding="utf-8") as out, torch.no_grad(), autocast(model.device, bf16):
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             ids = [encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in chunk]
             width = max(len(i) for i in ids)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+            input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=model.device)
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=model.device)
             generated = model.generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad
             )

@@ -129,6 +129,20 @@ def with_patch_sync(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
     return render(root)
 
 
+@pytest.fixture(scope="module")
+def with_tensor_parallel(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
+    """The gpu overlay plus the tensor-parallel component, as its comment in the gpu overlay shows."""
+    root = tmp_path_factory.mktemp("tensor-parallel")
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / "gpu", root)],
+        "components": [os.path.relpath(K8S / "components" / "tensor-parallel", root)],
+    }
+    (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return render(root)
+
+
 # ---- schemas -------------------------------------------------------------------------------------------------------
 
 
@@ -395,3 +409,18 @@ def test_gpu_overlay_requests_a_gpu_and_schedules_on_gpu_nodes():
     assert "VLLM_CPU_KVCACHE_SPACE" not in env_of(c)
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
     assert spec["nodeSelector"]
+
+
+def test_tensor_parallel_component_passes_engine_args_and_gpus(with_tensor_parallel, monkeypatch):
+    docs = with_tensor_parallel
+    errors = [e for d in docs if d["kind"] != "ServiceMonitor" for v in K8S_VERSIONS if (e := strict_errors(d, v))]
+    assert not errors, "\n".join(errors)
+    deployment = one(docs, "Deployment")
+    c = container(deployment)
+    raw = env_of(c)["PATCHSERVE_ENGINE_ARGS"]
+    monkeypatch.setenv("PATCHSERVE_ENGINE_ARGS", raw)  # parsed as the server parses it, keys checked against vLLM
+    args = Settings(dev_mode=True).engine_args
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == args["tensor_parallel_size"] == 2
+    shm = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"

@@ -135,6 +135,8 @@ class FakeModel:
     class generation_config:  # noqa: N801 - mirrors the HF attribute
         eos_token_id = 2
 
+    device = torch.device("cpu")  # as a HF model's ``.device``
+
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 

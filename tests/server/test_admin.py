@@ -163,6 +163,7 @@ class TestListingAndUpload:
         assert entry["sha256"].startswith("sha256:") and entry["signer"] == key_id(env.key.public_key())
         assert entry["tenants"] == ["app", "canary"]
         assert listing["version_floors"] == {"safety": 1}
+        assert listing["withdrawn_versions"] == {}
 
     def test_upload_goes_live_for_new_requests_and_is_written(self, client: TestClient, env: Env) -> None:
         assert applied(client) == "safety@1"
@@ -254,6 +255,8 @@ class TestUnloadAndRollback:
         assert response.status_code == 200 and response.json()["withdrawn"] == ["safety@2"]
         assert applied(client) == "safety@1"
         assert upload(client, v2).json()["error"]["param"] == "rollback"
+        listing = client.get("/admin/patches", headers=ADMIN).json()
+        assert (listing["version_floors"], listing["withdrawn_versions"]) == ({"safety": 1}, {"safety": [2]})
         assert upload(client, env.patch_bytes(3)).status_code == 201  # a new fixed version is fine
 
     def test_guard_holds_after_restart(self, env: Env) -> None:
