@@ -41,7 +41,7 @@ from patches.train.data import load_split
 from patches.train.dpo import Pair
 from patches.train.loop import progress_bar, run_stage
 from patches.train.model import PatchModel, initial_rows, load_base, make_example
-from patches.train.run import _dpo_stage, _Item, _sft_loss, _starting_patch, _trainable, _write_patch, _write_report
+from patches.train.run import _dpo_stage, _finish, _Item, _sft_loss, _starting_patch, _trainable
 from patches.train.teacher import generate_answers, policy_refusal
 
 FAIRNESS_INIT_TEXT = (
@@ -189,15 +189,13 @@ def train_fairness(config: TrainConfig, console: Console | None = None) -> Fairn
                   for b in benign[: len(pairs)]]  # fmt: skip
         dpo_losses = _dpo_stage(config, model, rows, pairs, work / "fairness-dpo.ckpt.safetensors", console)
 
-    description = (
-        f"trained by patchserve: fairness {config.placement} patch, SFT {config.sft_epochs} ep on neutral rewrites "
+    what = (
+        f"fairness {config.placement} patch, SFT {config.sft_epochs} ep on neutral rewrites "
         f"and honest answers (benign {config.benign_loss}) + DPO {config.dpo_epochs} ep vs the base model's biased "
-        f"answers (beta {config.beta}, ref {config.reference}), "
-        f"{f'continued from {start.ref} ({start.digest[:19]}…)' if start else f'{config.init} init'}, "
-        f"seed {config.seed}"
+        f"answers (beta {config.beta}, ref {config.reference})"
     )
-    out = _write_patch(config, rows, fingerprint, description)
-    result = FairnessResult(out, heldout_path, time.monotonic() - started, sft_losses, dpo_losses, counts)
-    _write_report(work / "fairness-train-report.json", config, result.seconds, counts, sft_losses, dpo_losses, out)
-    console.print(f"wrote {out} in {result.seconds / 60:.1f} min")
-    return result
+    report = work / "fairness-train-report.json"
+    out, seconds = _finish(
+        config, rows, fingerprint, what, start, report, started, counts, sft_losses, dpo_losses, console
+    )
+    return FairnessResult(out, heldout_path, seconds, sft_losses, dpo_losses, counts)

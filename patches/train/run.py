@@ -203,18 +203,15 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
             )
         dpo_losses = _dpo_stage(config, model, rows, pairs, work / "dpo.ckpt.safetensors", console)
 
-    description = (
-        f"trained by patchserve: {config.placement} patch, SFT {config.sft_epochs} ep (benign {config.benign_loss}) "
-        f"+ DPO {config.dpo_epochs} ep (beta {config.beta}, "
-        f"ref {config.reference}), teacher {config.teacher}, "
-        f"{f'continued from {start.ref} ({start.digest[:19]}…)' if start else f'{config.init} init'}, "
-        f"seed {config.seed}"
+    what = (
+        f"{config.placement} patch, SFT {config.sft_epochs} ep (benign {config.benign_loss}) "
+        f"+ DPO {config.dpo_epochs} ep (beta {config.beta}, ref {config.reference}), teacher {config.teacher}"
     )
-    out = _write_patch(config, rows, fingerprint, description)
-    result = TrainResult(out, heldout_paths, time.monotonic() - started, sft_losses, dpo_losses, counts)
-    _write_report(work / "train-report.json", config, result.seconds, counts, sft_losses, dpo_losses, out)
-    console.print(f"wrote {out} in {result.seconds / 60:.1f} min")
-    return result
+    report = work / "train-report.json"
+    out, seconds = _finish(
+        config, rows, fingerprint, what, start, report, started, counts, sft_losses, dpo_losses, console
+    )
+    return TrainResult(out, heldout_paths, seconds, sft_losses, dpo_losses, counts)
 
 
 @dataclass
@@ -225,6 +222,29 @@ class DetoxResult:
     sft_losses: list[float]
     dpo_losses: list[float]
     n_train: dict[str, int]
+
+
+def _finish(
+    config: TrainConfig,
+    rows: torch.Tensor,
+    fingerprint: str,
+    what: str,
+    start: Patch | None,
+    report: Path,
+    started: float,
+    counts: dict[str, int],
+    sft: list[float],
+    dpo: list[float],
+    console: Console,
+) -> tuple[Path, float]:
+    """Every task's last step: write the patch (described as ``what``, then where its rows started and the
+    seed), write the training report, say so; returns the patch path and the run's seconds."""
+    origin = f"continued from {start.ref} ({start.digest[:19]}…)" if start else f"{config.init} init"
+    out = _write_patch(config, rows, fingerprint, f"trained by patchserve: {what}, {origin}, seed {config.seed}")
+    seconds = time.monotonic() - started
+    _write_report(report, config, seconds, counts, sft, dpo, out)
+    console.print(f"wrote {out} in {seconds / 60:.1f} min")
+    return out, seconds
 
 
 def _write_patch(config: TrainConfig, rows: torch.Tensor, fingerprint: str, description: str) -> Path:
@@ -350,15 +370,13 @@ def train_detox(config: TrainConfig, console: Console | None = None, scorer: Sco
         ]
         dpo_losses = _dpo_stage(config, model, rows, pairs, work / "detox-dpo.ckpt.safetensors", console)
 
-    description = (
-        f"trained by patchserve: detox {config.placement} patch, SFT {config.sft_epochs} ep on the least toxic of "
+    what = (
+        f"detox {config.placement} patch, SFT {config.sft_epochs} ep on the least toxic of "
         f"{config.samples} base-model continuations + DPO {config.dpo_epochs} ep vs the most toxic (beta "
-        f"{config.beta}, ref {config.reference}), scorer {getattr(scorer, 'name', type(scorer).__name__)}, "
-        f"{f'continued from {start.ref} ({start.digest[:19]}…)' if start else f'{config.init} init'}, "
-        f"seed {config.seed}"
+        f"{config.beta}, ref {config.reference}), scorer {getattr(scorer, 'name', type(scorer).__name__)}"
     )
-    out = _write_patch(config, rows, fingerprint, description)
-    result = DetoxResult(out, heldout_path, time.monotonic() - started, sft_losses, dpo_losses, counts)
-    _write_report(work / "detox-train-report.json", config, result.seconds, counts, sft_losses, dpo_losses, out)
-    console.print(f"wrote {out} in {result.seconds / 60:.1f} min")
-    return result
+    report = work / "detox-train-report.json"
+    out, seconds = _finish(
+        config, rows, fingerprint, what, start, report, started, counts, sft_losses, dpo_losses, console
+    )
+    return DetoxResult(out, heldout_path, seconds, sft_losses, dpo_losses, counts)
