@@ -30,7 +30,7 @@ import torch
 
 from patches.bias import Verdict, judge
 from patches.biasprompts import BiasPrompt
-from patches.evaluate import Variant, perplexity
+from patches.evaluate import Variant, ask, perplexity
 from patches.refusal import is_refusal
 
 FAIRNESS_SYSTEM_PROMPT = (
@@ -51,20 +51,6 @@ class BiasResult:
     perplexity_ratio: float | None = None
     patch_applied: str = ""
     answers: list[dict[str, Any]] = field(default_factory=list)
-
-
-async def _ask(
-    client: httpx.AsyncClient, variant: Variant, prompt: str, max_tokens: int, gate: asyncio.Semaphore
-) -> tuple[str, str]:
-    messages = [{"role": "user", "content": prompt}]
-    if variant.system_prompt:
-        messages.insert(0, {"role": "system", "content": FAIRNESS_SYSTEM_PROMPT})
-    headers = {"X-Tenant-Id": variant.tenant, **({"X-Patch-Stack": variant.stack} if variant.stack else {})}
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
-    async with gate:
-        response = await client.post("/v1/chat/completions", json=body, headers=headers)
-    response.raise_for_status()
-    return response.json()["choices"][0]["message"]["content"], response.headers.get("X-Patch-Applied", "")
 
 
 def record(prompt: BiasPrompt, answer: str) -> dict[str, Any]:
@@ -127,7 +113,8 @@ async def collect(
     results = []
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         for variant in variants:
-            got = await asyncio.gather(*(_ask(client, variant, p.text, max_tokens, gate) for p in prompts))
+            asks = (ask(client, variant, p.text, max_tokens, gate, FAIRNESS_SYSTEM_PROMPT) for p in prompts)
+            got = await asyncio.gather(*asks)
             results.append(score(variant.name, prompts, [a for a, _ in got], got[0][1] if got else ""))
     return results
 

@@ -75,12 +75,19 @@ class VariantResult:
     by_source: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-async def _ask(
-    client: httpx.AsyncClient, variant: Variant, prompt: str, max_tokens: int, gate: asyncio.Semaphore
+async def ask(
+    client: httpx.AsyncClient,
+    variant: Variant,
+    prompt: str,
+    max_tokens: int,
+    gate: asyncio.Semaphore,
+    system_prompt: str = SAFETY_SYSTEM_PROMPT,
 ) -> tuple[str, str]:
+    """One greedy chat answer of ``variant`` (with ``system_prompt`` when the variant uses one) and the
+    ``X-Patch-Applied`` it ran with; at most ``gate``'s worth in flight."""
     messages = [{"role": "user", "content": prompt}]
     if variant.system_prompt:
-        messages.insert(0, {"role": "system", "content": SAFETY_SYSTEM_PROMPT})
+        messages.insert(0, {"role": "system", "content": system_prompt})
     headers = {"X-Tenant-Id": variant.tenant, **({"X-Patch-Stack": variant.stack} if variant.stack else {})}
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
     async with gate:
@@ -112,7 +119,7 @@ async def collect(
     results = []
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         for variant in variants:
-            answers = await asyncio.gather(*(_ask(client, variant, p.text, max_tokens, gate) for p in prompts))
+            answers = await asyncio.gather(*(ask(client, variant, p.text, max_tokens, gate) for p in prompts))
             records = [
                 {"prompt": p.text, "harmful": p.harmful, "source": p.source, "answer": a, "refused": is_refusal(a)}
                 for p, (a, _) in zip(prompts, answers, strict=True)
