@@ -119,9 +119,10 @@ _WRITER = textwrap.dedent(
 )
 
 
-def _writer(root: Path) -> subprocess.Popen:
+def _writer(root: Path, code: str = _WRITER) -> subprocess.Popen:
+    """A real process running ``code`` on the files under ``root``."""
     return subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(root)],
+        [sys.executable, "-c", code, str(root)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -218,13 +219,7 @@ def test_kill_9_during_tenant_file_swaps_leaves_the_last_good_config_and_the_flo
     spec = ModelSpec(fingerprint="sha256:" + "0" * 64, hidden_size=8, max_rows=4, dtype="float32")
     confirmed = 0
     for round_ in range(5):
-        process = subprocess.Popen(
-            [sys.executable, "-c", _RELOADER, str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=Path(__file__).resolve().parents[2],
-        )
+        process = _writer(tmp_path, _RELOADER)
         assert process.stdout is not None
         for _ in range(4 + round_ * 3):
             generation += 1
@@ -241,13 +236,7 @@ def test_kill_9_during_tenant_file_swaps_leaves_the_last_good_config_and_the_flo
         for path in (tmp_path / "patches").glob("*.safetensors"):
             parse_patch(path.read_bytes(), expect=spec)  # no torn patch file
     # the restarted process comes up on the configuration on disk and continues above every floor
-    process = subprocess.Popen(
-        [sys.executable, "-c", _RELOADER, str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    process = _writer(tmp_path, _RELOADER)
     assert process.stdout is not None
     try:
         version, tenants = (int(x) for x in process.stdout.readline().split())
