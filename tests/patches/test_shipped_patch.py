@@ -20,7 +20,16 @@ def test_shipped_refusal_patch_verifies_against_the_embedded_model(model_dir: Pa
     assert patch.meta.signer == key_id(load_public_key(DEMO / "trust" / "demo-signer.pub"))
 
 
+def test_shipped_fairness_patch_verifies_against_the_embedded_model(model_dir: Path) -> None:
+    trust = TrustStore.load(DEMO / "trust")
+    (path,) = sorted((DEMO / "patches").glob("fairness-v*.safetensors"))
+    patch = Verifier(trust).verify_file(path, expect=model_spec(model_dir))
+    assert (patch.name, patch.placement.value, patch.n_tokens) == ("fairness", "prefix", 50)
+
+
 def test_demo_tenants_use_it() -> None:
     tenants = {t.id: t for t in load_tenants(DEMO / "tenants.yaml").tenants}
     assert [str(r) for r in tenants["demo-patched"].default_refs] == ["refusal"]
     assert tenants["demo-base"].default_refs == [] and tenants["demo-base"].allow_unpatched
+    assert [str(r) for r in tenants["demo-fair"].default_refs] == ["fairness"]
+    assert set(tenants["demo-base"].allowed_patches) == {"refusal", "fairness"}
