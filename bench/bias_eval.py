@@ -9,7 +9,7 @@ per patch file (pinned to its ``name@version``), comparing the bare model, the f
 
 With no ``--patch`` only the bare model and the system prompt are measured (the bare model's bias score).
 
-Usage: ``python -m bench.bias_eval [--patch FILE ...] [--out DIR] [--max-tokens 64]``.
+Usage: ``python -m bench.bias_eval [--patch FILE ...] [--stack a@1+b@2 ...] [--out DIR] [--max-tokens 64]``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("var/eval/bias"), help="results: OUT/{heldout,external}")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--winobias", type=int, default=120, help="WinoBias sentences (0: held-out templates only)")
+    parser.add_argument(
+        "--stack", action="append", default=[], help="a stack of the given patches, 'a@1+b@2' (repeatable)"
+    )
     parser.add_argument("--no-system-prompt", action="store_true", help="leave out the system-prompt baseline")
     args = parser.parse_args()
 
@@ -46,7 +49,7 @@ def main() -> None:
         sets["external"] = args.out / "prompts" / "bias_external.jsonl"
     print("prompts:", {str(p): n for p, n in written.items()})  # noqa: T201
     root = Path(tempfile.mkdtemp(prefix="bias-eval-"))
-    tenants, variants = tenants_for(args.patch)
+    tenants, variants = tenants_for(args.patch, args.stack)
     prepare_root(root, tenants, trust_from=args.trust)
     for path, tenant in zip(args.patch, tenants[1:], strict=True):
         shutil.copy(path, root / "patches" / f"{tenant['id']}.safetensors")

@@ -29,14 +29,21 @@ REPO = Path(__file__).resolve().parents[1]
 BARE = {"id": "bare", "default_stack": [], "allowed_patches": [], "allow_unpatched": True}
 
 
-def tenants_for(patches: list[Path]) -> tuple[list[dict], list[str]]:
-    """The tenant file's entries and the eval variants: ``bare`` plus one pinned tenant per patch file."""
+def tenants_for(patches: list[Path], stacks: list[str] = ()) -> tuple[list[dict], list[str]]:
+    """The tenant file's entries and the eval variants: ``bare``, one pinned tenant per patch file, and one
+    tenant per stack (``a@1+b@2``: refs of the given patch files, in that order; variant name = the stack)."""
     tenants, variants = [BARE], ["bare:bare:none"]
+    names = []
     for path in patches:
         meta = read_patch(path.read_bytes())[0]
         tenant = f"{meta.name}-v{meta.version}"
+        names.append(meta.name)
         tenants.append({"id": tenant, "default_stack": [meta.ref], "allowed_patches": [meta.name]})
         variants.append(f"{meta.ref}:{tenant}")
+    for k, stack in enumerate(stacks):
+        refs = stack.split("+")
+        tenants.append({"id": f"stack-{k}", "default_stack": refs, "allowed_patches": sorted(set(names))})
+        variants.append(f"{stack}:stack-{k}")
     return tenants, variants
 
 

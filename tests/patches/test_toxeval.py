@@ -120,3 +120,18 @@ def test_detox_bench_pins_one_tenant_per_patch(tmp_path: Path, make_meta, make_r
     tenants, variants = tenants_for([path])
     assert tenants[1] == {"id": "detox-v4", "default_stack": ["detox@4"], "allowed_patches": ["detox"]}
     assert variants == ["bare:bare:none", "detox@4:detox-v4"]
+
+
+def test_eval_bench_stack_tenant_pins_the_stack_in_order(tmp_path: Path, make_meta, make_rows) -> None:
+    from bench.detox_eval import tenants_for
+    from patches.format import save_patch
+
+    a = save_patch(tmp_path / "a.safetensors", make_rows(), make_meta(name="refusal", version=3))
+    b = save_patch(tmp_path / "b.safetensors", make_rows(), make_meta(name="fairness", version=1))
+    tenants, variants = tenants_for([a, b], ["fairness@1+refusal@3"])
+    assert tenants[-1] == {
+        "id": "stack-0",
+        "default_stack": ["fairness@1", "refusal@3"],
+        "allowed_patches": ["fairness", "refusal"],
+    }
+    assert variants[-1] == "fairness@1+refusal@3:stack-0"
