@@ -12,12 +12,15 @@ from patches.trust import TrustStore
 DEMO = Path(__file__).resolve().parents[2] / "deploy" / "demo"
 
 
-def test_shipped_refusal_patch_verifies_against_the_embedded_model(model_dir: Path) -> None:
+def test_shipped_refusal_patches_verify_against_the_embedded_model(model_dir: Path) -> None:
     trust = TrustStore.load(DEMO / "trust")
-    (path,) = sorted((DEMO / "patches").glob("refusal-v*.safetensors"))
-    patch = Verifier(trust).verify_file(path, expect=model_spec(model_dir))
-    assert patch.name == "refusal" and patch.n_tokens == 50
-    assert patch.meta.signer == key_id(load_public_key(DEMO / "trust" / "demo-signer.pub"))
+    paths = sorted((DEMO / "patches").glob("refusal-v*.safetensors"))
+    patches = [Verifier(trust).verify_file(path, expect=model_spec(model_dir)) for path in paths]
+    # refusal@3 (prefix, the earlier one, kept selectable) and refusal@9 (suffix), which demo-patched serves
+    assert sorted((p.version, p.placement.value) for p in patches) == [(3, "prefix"), (9, "suffix")]
+    for patch in patches:
+        assert patch.name == "refusal" and patch.n_tokens == 50
+        assert patch.meta.signer == key_id(load_public_key(DEMO / "trust" / "demo-signer.pub"))
 
 
 def test_shipped_fairness_patch_verifies_against_the_embedded_model(model_dir: Path) -> None:
