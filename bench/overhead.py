@@ -61,7 +61,7 @@ from bench.stats import build_summary, jsonable, segment_throughput_ratios
 from bench.variants import (
     MODEL_ID,
     PATCHSERVE_VARIANTS,
-    SHIPPED_PATCH,
+    PREFIX_PATCH,
     messages,
     patchserve_call,
     prepare_patchserve,
@@ -115,7 +115,7 @@ def run_vllm(
     opts: Options, book: PromptBook, work: Path, model_dir: Path, plans: dict[int, tuple[int, int]], matrix: Matrix
 ) -> dict[str, object]:
     """``vllm_bare`` and ``client_embeds`` on vLLM's server with prompt embeddings on (no LoRA)."""
-    embedder = ClientEmbedder(model_dir, [SHIPPED_PATCH])
+    embedder = ClientEmbedder(model_dir, [PREFIX_PATCH])
 
     def embeds_body(prompt: str) -> dict[str, object]:
         return {"model": MODEL_ID, "prompt_embeds": embedder.payload(messages(prompt)), **sampling(opts.max_tokens)}

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.launch import prepare_root, running_server, server_env, write_result
 from bench.loadgen import Call, run_segment
 from bench.stats import Segment
-from bench.variants import DEMO_TRUST, SHIPPED_PATCH, messages, sampling
+from bench.variants import DEMO_TRUST, PREFIX_PATCH, messages, sampling
 from bench.workload import user_prompt
 from patches.basemodel import prepare_default_model
 
@@ -66,7 +66,7 @@ def _counters(url: str) -> dict[str, float]:
 
 def _server(root: Path, model_dir: Path, rate: float, eager: bool) -> dict[str, str]:
     prepare_root(root, TENANTS, trust_from=DEMO_TRUST)
-    shutil.copy(SHIPPED_PATCH, root / "patches" / SHIPPED_PATCH.name)
+    shutil.copy(PREFIX_PATCH, root / "patches" / PREFIX_PATCH.name)
     return server_env(root, model_dir, overhead_sample_rate=rate, enforce_eager=str(eager).lower(), log_level="warning")
 
 

@@ -27,21 +27,27 @@ from bench.swap_latency import ADMIN_TOKEN
 from bench.workload import Options
 from patches.demo import text_patch
 from patches.evaluate import SAFETY_SYSTEM_PROMPT
-from patches.format import write_atomic
+from patches.format import read_patch, write_atomic
 from patches.stack import Placement
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _shipped_patch(directory: Path = REPO / "deploy/demo/patches") -> Path:
-    """The shipped ``refusal`` patch: the highest version in ``deploy/demo/patches`` (v10 sorts after v9)."""
+def _shipped_patch(directory: Path = REPO / "deploy/demo/patches", placement: Placement | None = None) -> Path:
+    """The highest shipped ``refusal`` version in ``deploy/demo/patches`` (v10 sorts after v9), of ``placement``
+    when given."""
     files = sorted(directory.glob("refusal-v*.safetensors"), key=lambda f: int(f.stem.rsplit("-v", 1)[1]))
+    if placement is not None:
+        files = [f for f in files if read_patch(f.read_bytes())[0].placement == placement]
     if not files:
-        raise FileNotFoundError(f"no refusal-v*.safetensors in {directory}")
+        raise FileNotFoundError(f"no {placement or ''} refusal-v*.safetensors in {directory}")
     return files[-1]
 
 
-SHIPPED_PATCH = _shipped_patch()
+SHIPPED_PATCH = _shipped_patch()  # what demo-patched serves, and `make eval`'s default
+# The overhead bench's ``patch`` variant: a trained *prefix* patch, whose rows the prefix cache can hold
+# (the ``suffix`` variant measures the other placement).
+PREFIX_PATCH = _shipped_patch(placement=Placement.prefix)
 DEMO_TRUST = REPO / "deploy/demo/trust"
 MODEL_ID = "base"
 PATCHSERVE_VARIANTS = ("bare", "patch", "suffix", "stack2", "text_prompt")
@@ -101,7 +107,7 @@ def prepare_patchserve(opts: Options, root: Path, model_dir: Path) -> tuple[dict
     key = prepare_root(root, tenants_file(opts), signer="bench", trust_from=DEMO_TRUST)  # the shipped patch's key
     assert key is not None
     patch_dir = root / "patches"
-    shutil.copy(SHIPPED_PATCH, patch_dir / SHIPPED_PATCH.name)
+    shutil.copy(PREFIX_PATCH, patch_dir / PREFIX_PATCH.name)
     guard = text_patch(model_dir, "guard", text=GUARD_TEXT, n_tokens=50, key=key)
     write_atomic(patch_dir / "guard.safetensors", guard)
     # 50 rows after the prompt: never a prefix-cache hit, whatever their values (what placement costs)
