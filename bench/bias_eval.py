@@ -51,7 +51,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bias-eval-"))
     tenants, variants = tenants_for(args.patch, args.stack)
     prepare_root(root, tenants, trust_from=args.trust)
-    for path, tenant in zip(args.patch, tenants[1:], strict=True):
+    for path, tenant in zip(args.patch, tenants[1 : 1 + len(args.patch)], strict=True):  # then the stacks
         shutil.copy(path, root / "patches" / f"{tenant['id']}.safetensors")
     system = [] if args.no_system_prompt else ["--system-prompt-variant", "system_prompt:bare:none"]
     env = server_env(root, prepare_default_model(), log_level="warning")
