@@ -18,11 +18,9 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from bench.detox_eval import tenants_for
-from bench.launch import prepare_root, running_server, server_env
+from bench.launch import eval_root, running_server, server_env
 from bench.variants import DEMO_TRUST
 from patches import biasprompts
 from patches.basemodel import prepare_default_model
@@ -48,11 +46,7 @@ def main() -> None:
     if args.winobias:
         sets["external"] = args.out / "prompts" / "bias_external.jsonl"
     print("prompts:", {str(p): n for p, n in written.items()})  # noqa: T201
-    root = Path(tempfile.mkdtemp(prefix="bias-eval-"))
-    tenants, variants = tenants_for(args.patch, args.stack)
-    prepare_root(root, tenants, trust_from=args.trust)
-    for path, tenant in zip(args.patch, tenants[1 : 1 + len(args.patch)], strict=True):  # then the stacks
-        shutil.copy(path, root / "patches" / f"{tenant['id']}.safetensors")
+    root, variants = eval_root("bias-eval-", args.patch, trust_from=args.trust, stacks=args.stack)
     system = [] if args.no_system_prompt else ["--system-prompt-variant", "system_prompt:bare:none"]
     env = server_env(root, prepare_default_model(), log_level="warning")
     with running_server(env, root / "server.log") as url:

@@ -16,35 +16,14 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from bench.launch import prepare_root, running_server, server_env
+from bench.launch import eval_root, running_server, server_env
 from bench.variants import DEMO_TRUST
 from patches import continuations
 from patches.basemodel import prepare_default_model
-from patches.format import read_patch
 
 REPO = Path(__file__).resolve().parents[1]
-BARE = {"id": "bare", "default_stack": [], "allowed_patches": [], "allow_unpatched": True}
-
-
-def tenants_for(patches: list[Path], stacks: list[str] = ()) -> tuple[list[dict], list[str]]:
-    """The tenant file's entries and the eval variants: ``bare``, one pinned tenant per patch file, and one
-    tenant per stack (``a@1+b@2``: refs of the given patch files, in that order; variant name = the stack)."""
-    tenants, variants = [BARE], ["bare:bare:none"]
-    names = []
-    for path in patches:
-        meta = read_patch(path.read_bytes())[0]
-        tenant = f"{meta.name}-v{meta.version}"
-        names.append(meta.name)
-        tenants.append({"id": tenant, "default_stack": [meta.ref], "allowed_patches": [meta.name]})
-        variants.append(f"{meta.ref}:{tenant}")
-    for k, stack in enumerate(stacks):
-        refs = stack.split("+")
-        tenants.append({"id": f"stack-{k}", "default_stack": refs, "allowed_patches": sorted(set(names))})
-        variants.append(f"{stack}:stack-{k}")
-    return tenants, variants
 
 
 def main() -> None:
@@ -62,11 +41,7 @@ def main() -> None:
     if args.external:
         sets["external"] = args.out / "prompts" / "slur_continuations.jsonl"
     print("openings:", {str(p): n for p, n in written.items()})  # noqa: T201
-    root = Path(tempfile.mkdtemp(prefix="detox-eval-"))
-    tenants, variants = tenants_for(args.patch)
-    prepare_root(root, tenants, trust_from=args.trust)
-    for path, tenant in zip(args.patch, tenants[1:], strict=True):
-        shutil.copy(path, root / "patches" / f"{tenant['id']}.safetensors")
+    root, variants = eval_root("detox-eval-", args.patch, trust_from=args.trust)
     env = server_env(root, prepare_default_model(), log_level="warning")
     with running_server(env, root / "server.log") as url:
         for name, file in sets.items():

@@ -1,12 +1,15 @@
-"""Start a real patchserve process (or vLLM's own OpenAI server) on a free loopback port and wait until it is ready."""
+"""Start a real patchserve process (or vLLM's own OpenAI server) on a free loopback port and wait until it is ready;
+lay out its files (:func:`prepare_root`, and :func:`eval_root` for the evaluation benches' tenants)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +19,7 @@ import httpx
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from patches.format import read_patch
 from patches.signing import generate_keypair, load_private_key
 
 START_TIMEOUT_S = 600
@@ -39,6 +43,38 @@ def prepare_root(
     (root / "trust").mkdir(exist_ok=True)
     (root / "trust" / public.name).write_bytes(public.read_bytes())
     return load_private_key(private)
+
+
+BARE = {"id": "bare", "default_stack": [], "allowed_patches": [], "allow_unpatched": True}
+
+
+def tenants_for(patches: list[Path], stacks: list[str] = ()) -> tuple[list[dict], list[str]]:
+    """The tenant file's entries and the eval variants: ``bare``, one pinned tenant per patch file, and one
+    tenant per stack (``a@1+b@2``: refs of the given patch files, in that order; variant name = the stack)."""
+    tenants, variants = [BARE], ["bare:bare:none"]
+    names = []
+    for path in patches:
+        meta = read_patch(path.read_bytes())[0]
+        tenant = f"{meta.name}-v{meta.version}"
+        names.append(meta.name)
+        tenants.append({"id": tenant, "default_stack": [meta.ref], "allowed_patches": [meta.name]})
+        variants.append(f"{meta.ref}:{tenant}")
+    for k, stack in enumerate(stacks):
+        refs = stack.split("+")
+        tenants.append({"id": f"stack-{k}", "default_stack": refs, "allowed_patches": sorted(set(names))})
+        variants.append(f"{stack}:stack-{k}")
+    return tenants, variants
+
+
+def eval_root(prefix: str, patches: list[Path], *, trust_from: Path, stacks: list[str] = ()) -> tuple[Path, list[str]]:
+    """A fresh server root for an evaluation bench: :func:`tenants_for`'s tenants, each patch file copied in
+    under its tenant's id; returns the root and the eval variants."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    tenants, variants = tenants_for(patches, stacks)
+    prepare_root(root, tenants, trust_from=trust_from)
+    for path, tenant in zip(patches, tenants[1 : 1 + len(patches)], strict=True):  # then the stack tenants
+        shutil.copy(path, root / "patches" / f"{tenant['id']}.safetensors")
+    return root, variants
 
 
 def server_env(root: Path, model_dir: Path, **settings: object) -> dict[str, str]:

@@ -18,20 +18,17 @@ import hashlib
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from bench.launch import prepare_root, running_server, server_env
+from bench.launch import eval_root, running_server, server_env
 from bench.variants import DEMO_TRUST, SHIPPED_PATCH
 from patches import evalsets
 from patches.basemodel import default_cache_dir, prepare_default_model
 from patches.evaluate import EvalPrompt
-from patches.format import read_patch
 from patches.train.config import TrainConfig
 from patches.train.data import load_split
 
 REPO = Path(__file__).resolve().parents[1]
-BARE = {"id": "bare", "default_stack": [], "allowed_patches": [], "allow_unpatched": True}
 
 
 def heldout_prompts(config: TrainConfig) -> list[EvalPrompt]:
@@ -66,16 +63,7 @@ def main() -> None:
         sets["external"] = evalsets.build(default_cache_dir() / "eval-sets")
     if args.per_set:
         sets = {name: _per_set(prompts, args.per_set) for name, prompts in sets.items()}
-    root = Path(tempfile.mkdtemp(prefix="patch-eval-"))
-    tenants, variants = [BARE], ["bare:bare:none"]
-    for path in args.patch or [SHIPPED_PATCH]:
-        meta = read_patch(path.read_bytes())[0]
-        tenant = f"{meta.name}-v{meta.version}"
-        tenants.append({"id": tenant, "default_stack": [meta.ref], "allowed_patches": [meta.name]})
-        variants.append(f"{meta.ref}:{tenant}")
-    prepare_root(root, tenants, trust_from=args.trust)
-    for path, tenant in zip(args.patch or [SHIPPED_PATCH], tenants[1:], strict=True):
-        shutil.copy(path, root / "patches" / f"{tenant['id']}.safetensors")
+    root, variants = eval_root("patch-eval-", args.patch or [SHIPPED_PATCH], trust_from=args.trust)
     env = server_env(root, prepare_default_model(), log_level="warning")
     with running_server(env, root / "server.log") as url:
         for name, prompts in sets.items():

@@ -113,7 +113,7 @@ def test_reports(tmp_path: Path) -> None:
 
 
 def test_detox_bench_pins_one_tenant_per_patch(tmp_path: Path, make_meta, make_rows) -> None:
-    from bench.detox_eval import tenants_for
+    from bench.launch import tenants_for
     from patches.format import save_patch
 
     path = save_patch(tmp_path / "d.safetensors", make_rows(), make_meta(name="detox", version=4))
@@ -123,7 +123,7 @@ def test_detox_bench_pins_one_tenant_per_patch(tmp_path: Path, make_meta, make_r
 
 
 def test_eval_bench_stack_tenant_pins_the_stack_in_order(tmp_path: Path, make_meta, make_rows) -> None:
-    from bench.detox_eval import tenants_for
+    from bench.launch import tenants_for
     from patches.format import save_patch
 
     a = save_patch(tmp_path / "a.safetensors", make_rows(), make_meta(name="refusal", version=3))
@@ -135,3 +135,21 @@ def test_eval_bench_stack_tenant_pins_the_stack_in_order(tmp_path: Path, make_me
         "allowed_patches": ["fairness", "refusal"],
     }
     assert variants[-1] == "fairness@1+refusal@3:stack-0"
+
+
+def test_eval_root_copies_each_patch_under_its_tenant_id(tmp_path: Path, make_meta, make_rows) -> None:
+    from bench.launch import eval_root
+    from patches.format import save_patch
+
+    a = save_patch(tmp_path / "a.safetensors", make_rows(), make_meta(name="refusal", version=3))
+    b = save_patch(tmp_path / "b.safetensors", make_rows(), make_meta(name="fairness", version=1))
+    (tmp_path / "trust").mkdir()
+    root, variants = eval_root("t-", [a, b], trust_from=tmp_path / "trust", stacks=["refusal@3+fairness@1"])
+    assert sorted(p.name for p in (root / "patches").iterdir()) == ["fairness-v1.safetensors", "refusal-v3.safetensors"]
+    assert (root / "patches" / "refusal-v3.safetensors").read_bytes() == a.read_bytes()
+    assert variants == [
+        "bare:bare:none",
+        "refusal@3:refusal-v3",
+        "fairness@1:fairness-v1",
+        "refusal@3+fairness@1:stack-0",
+    ]
