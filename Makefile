@@ -60,6 +60,14 @@ bench-blocks: model
 bench: model
 	$(PY) -m bench.overhead $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
+# What patchserve's server layer costs over vLLM's own OpenAI server: the bare tenant vs vLLM's server, same
+# engine arguments, both up at once (gpu_memory_utilization 0.12 each), streamed and not, c=1/8/32, interleaved
+# rounds (~15 min). QUICK=1 for a smoke run; BENCH_ARGS passes more flags (e.g. --profile 20 for py-spy
+# profiles of both API servers). Results in $$PATCHSERVE_BENCH_OUT/server_overhead.{json,md}.
+.PHONY: bench-server
+bench-server: model
+	$(PY) -m bench.server_overhead $(if $(QUICK),--quick,) $(BENCH_ARGS)
+
 # A patch on a real server: bare model vs safety system prompt vs patch, on the held-out split of the
 # training files and on prompt sets from other sources (patches/evalsets.py). PATCH="a b" (default: the
 # shipped one); results in var/eval/{heldout,external}/eval.{json,md,png}.

@@ -26,7 +26,9 @@ distinct stacks active at once, swap latency (admin upload and file drop), and r
 loaded patch.
 
 One engine runs at a time: patchserve first, then vLLM's server without LoRA (``vllm_bare``,
-``client_embeds``), then with LoRA (``vllm_lora_bare``, ``lora``). All engines run eager unless
+``client_embeds``), then with LoRA (``vllm_lora_bare``, ``lora``). Last, the ``server`` phase
+(:mod:`bench.server_overhead`) runs patchserve's bare tenant and vLLM's server side by side, both up at
+once (smaller engines), streamed and not: the server-overhead row. All engines run eager unless
 ``--compiled``.
 
 Run: ``python -m bench.overhead [--quick]`` (``make bench``). Writes to ``$PATCHSERVE_BENCH_OUT``
@@ -51,7 +53,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import report
+from bench import report, server_overhead
 from bench.alternatives import LORA_NAME, ClientEmbedder, build_lora_adapter, lora_support
 from bench.launch import running_server_process
 from bench.loadgen import Call
@@ -70,7 +72,7 @@ from bench.variants import (
     vllm_chat_call,
     vllm_server,
 )
-from bench.workload import Options, PromptBook, point_plan, user_prompt
+from bench.workload import Options, PromptBook, add_load_arguments, apply_overrides, point_plan, user_prompt
 from patches.basemodel import prepare_default_model
 
 
@@ -160,36 +162,30 @@ def run_lora(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
-    parser.add_argument("--concurrency", type=int, nargs="+", help="default 1 8 32")
+    add_load_arguments(parser)
     parser.add_argument("--repeats", type=int, help="interleaved segments per point (default 3)")
-    parser.add_argument("--seconds", type=float, help="target seconds of work per point (default 30)")
-    parser.add_argument("--max-tokens", type=int, help="output tokens per request (default 64)")
     parser.add_argument("--tenants", type=int, nargs="*", help="distinct tenant stacks at once (default 1 100 1000)")
     parser.add_argument("--memory-patches", type=int, help="extra patches loaded to measure memory (default 200)")
-    parser.add_argument("--compiled", action="store_true", help="compiled engines instead of eager")
     parser.add_argument(
         "--api-torch-threads",
         type=int,
         help="experiment: torch.set_num_threads(N) in patchserve's API process (not a server setting)",
     )
     parser.add_argument(
-        "--phases", nargs="+", choices=["patchserve", "vllm", "lora"], help="servers to run (default all)"
+        "--phases", nargs="+", choices=["patchserve", "vllm", "lora", "server"], help="phases to run (default all)"
     )
     args = parser.parse_args()
     opts = Options.quick() if args.quick else Options()
-    for name, value in (
-        ("concurrencies", args.concurrency),
-        ("repeats", args.repeats),
-        ("seconds", args.seconds),
-        ("max_tokens", args.max_tokens),
-        ("tenant_counts", args.tenants),
-        ("phases", args.phases),
-        ("memory_patches", args.memory_patches),
-    ):
-        if value is not None:
-            setattr(opts, name, value)
-    opts.compiled = args.compiled
+    apply_overrides(
+        opts,
+        args,
+        repeats=args.repeats,
+        tenant_counts=args.tenants,
+        phases=args.phases,
+        memory_patches=args.memory_patches,
+    )
+    if args.phases is None:
+        opts.phases = [*opts.phases, "server"]
     opts.api_torch_threads = args.api_torch_threads
     out_dir = Path(os.environ.get("PATCHSERVE_BENCH_OUT", "bench-results"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,6 +204,10 @@ def main() -> None:
     if "lora" in opts.phases:
         log("vLLM server with LoRA: vllm_lora_bare, lora")
         lora = run_lora(opts, book, work, model_dir, plans, matrix)
+    server: dict[str, object] = {}
+    if "server" in opts.phases:
+        log("server overhead: patchserve bare and vLLM's server bare, both up at once")
+        server = server_overhead.run(opts, book, work, model_dir)
     figures = matrix.figures()
     baselines = {"lora": "vllm_lora_bare", "client_embeds": "vllm_bare"}
     unsupported = {"lora": lora["reason"]} if lora and not lora.get("supported") else None
@@ -233,6 +233,7 @@ def main() -> None:
         "patchserve": ps,
         "vllm": vllm,
         "lora": lora,
+        "server_overhead": server,
         "prefix_cache_hit_rate": matrix.hit_rates(),
         "engine_breakdown": matrix.breakdown(),
         "foreign_cpu": matrix.foreign_cpu(),

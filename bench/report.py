@@ -6,6 +6,7 @@ import math
 import statistics
 from pathlib import Path
 
+from bench import server_overhead
 from bench.stats import RATIO_KEYS, check_target, throughput_overhead
 
 LABELS = {
@@ -60,7 +61,7 @@ def targets(results: dict) -> list[dict[str, object]]:
             times = patch_fig["throughput_tok_s"] / embeds["throughput_tok_s"]
             note = f"{patch_fig['throughput_tok_s']:.0f} vs {embeds['throughput_tok_s']:.0f} tok/s (absolute)"
             lines.append(check_target(f"patch / client_embeds throughput, c={c}", times, ">=", 1.2, note))
-    return lines
+    return lines + list((results.get("server_overhead") or {}).get("targets") or [])
 
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
@@ -227,6 +228,14 @@ def markdown(results: dict) -> str:
             "",
             "`client_embeds` sends the same input as patchserve's `patch` (patch rows + the templated prompt); "
             f"same greedy text from both servers: **{'yes' if match else 'no'}**.",
+        ]
+    if rows := (results.get("server_overhead") or {}).get("rows"):
+        parts += [
+            "",
+            "Server overhead: patchserve's bare tenant vs vLLM's own OpenAI server, same engine arguments, both up "
+            "at once, segments interleaved (throughput ratio > 1: patchserve faster):",
+            "",
+            server_overhead.markdown(rows),
         ]
     if (lora := results.get("lora")) and lora.get("supported") is False:
         parts += ["", f"LoRA: **not supported here** — {lora['reason']}"]

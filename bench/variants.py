@@ -5,12 +5,13 @@ bench server (:func:`prepare_patchserve`: the shipped ``refusal`` patch, a secon
 suffix patch ``guard-suffix``, the ``hot``
 patch that swap latency replaces, and the tenants of every phase); the vLLM variants run on vLLM's own
 OpenAI server (:func:`vllm_server`, with or without LoRA). :func:`patchserve_call` and
-:func:`vllm_chat_call` build one streamed, greedy request of a variant.
+:func:`vllm_chat_call` build one greedy request of a variant (streamed unless ``stream=False``).
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,24 +67,25 @@ def messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, *out] if system else out
 
 
-def sampling(max_tokens: int) -> dict[str, object]:
-    return {
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+def sampling(max_tokens: int, stream: bool = True) -> dict[str, object]:
+    """Greedy, exactly ``max_tokens`` (EOS ignored); streamed with a final usage frame, or one JSON answer."""
+    body: dict[str, object] = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
 
 
-def patchserve_call(variant: str, prompt: str, max_tokens: int, tenant: str | None = None) -> Call:
+def patchserve_call(
+    variant: str, prompt: str, max_tokens: int, tenant: str | None = None, *, stream: bool = True
+) -> Call:
     system = SAFETY_SYSTEM_PROMPT if variant == "text_prompt" else None
-    body = {"model": MODEL_ID, "messages": messages(prompt, system), **sampling(max_tokens)}
+    body = {"model": MODEL_ID, "messages": messages(prompt, system), **sampling(max_tokens, stream)}
     return Call("/v1/chat/completions", body, {"X-Tenant-Id": tenant or TENANT_OF[variant]})
 
 
-def vllm_chat_call(model: str, prompt: str, max_tokens: int) -> Call:
-    return Call("/v1/chat/completions", {"model": model, "messages": messages(prompt), **sampling(max_tokens)})
+def vllm_chat_call(model: str, prompt: str, max_tokens: int, *, stream: bool = True) -> Call:
+    body = {"model": model, "messages": messages(prompt), **sampling(max_tokens, stream)}
+    return Call("/v1/chat/completions", body)
 
 
 PATCHED = {"default_stack": ["refusal"], "allowed_patches": ["refusal"]}
@@ -136,22 +138,17 @@ def sample_text(url: str, call: Call) -> str:
     return choice["message"]["content"] if "message" in choice else choice["text"]
 
 
-def vllm_args(model_dir: Path, opts: Options, lora_dir: Path | None) -> list[str]:
-    args = [
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        MODEL_ID,
-        "--dtype",
-        "bfloat16",
-        "--block-size",
-        "32",
-        "--max-model-len",
-        "2048",
-        "--max-num-seqs",
-        "64",
-        "--gpu-memory-utilization",
-        "0.3",
+# The engine arguments of vLLM's own server in every phase; patchserve's defaults are the same
+# (``server.settings.Settings``), and bench.server_overhead sets them on patchserve explicitly too.
+ENGINE = {"dtype": "bfloat16", "block_size": 32, "max_model_len": 2048, "max_num_seqs": 64}
+MEMORY_SHARE = 0.3  # gpu_memory_utilization (of RAM, on CPU) when one engine runs at a time
+
+
+def vllm_args(model_dir: Path, opts: Options, lora_dir: Path | None, memory_share: float = MEMORY_SHARE) -> list[str]:
+    args = ["--model", str(model_dir), "--served-model-name", MODEL_ID]
+    for name, value in {**ENGINE, "gpu_memory_utilization": memory_share}.items():
+        args += ["--" + name.replace("_", "-"), str(value)]
+    args += [
         "--enable-prefix-caching",
         "--enable-prompt-embeds",
         "--uvicorn-log-level",
@@ -174,8 +171,17 @@ def vllm_args(model_dir: Path, opts: Options, lora_dir: Path | None) -> list[str
 
 
 @contextmanager
-def vllm_server(model_dir: Path, opts: Options, lora_dir: Path | None, log_path: Path) -> Iterator[str]:
+def vllm_server_process(
+    model_dir: Path, opts: Options, lora_dir: Path | None, log_path: Path, memory_share: float = MEMORY_SHARE
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """vLLM's own OpenAI server with :data:`ENGINE` (eager unless ``opts.compiled``); its URL and process."""
     started = time.monotonic()
-    with running_vllm_server(vllm_args(model_dir, opts, lora_dir), log_path) as (url, _):
+    with running_vllm_server(vllm_args(model_dir, opts, lora_dir, memory_share), log_path) as (url, process):
         log(f"vLLM server ready in {time.monotonic() - started:.0f}s ({url})")
+        yield url, process
+
+
+@contextmanager
+def vllm_server(model_dir: Path, opts: Options, lora_dir: Path | None, log_path: Path) -> Iterator[str]:
+    with vllm_server_process(model_dir, opts, lora_dir, log_path) as (url, _):
         yield url

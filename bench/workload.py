@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 from dataclasses import dataclass, field
@@ -82,6 +83,24 @@ class Options:
             swaps=3,
             memory_patches=20,
         )
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load flags every overhead benchmark takes (see :func:`apply_overrides`)."""
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="default 1 8 32")
+    parser.add_argument("--seconds", type=float, help="seconds of work per point (and server)")
+    parser.add_argument("--max-tokens", type=int, help="output tokens per request (default 64)")
+    parser.add_argument("--compiled", action="store_true", help="compiled engines instead of eager")
+
+
+def apply_overrides(opts: Options, args: argparse.Namespace, **more: object) -> None:
+    """Set the :func:`add_load_arguments` flags, and ``more`` option values, that were given on ``opts``."""
+    given = {"concurrencies": args.concurrency, "seconds": args.seconds, "max_tokens": args.max_tokens, **more}
+    for name, value in given.items():
+        if value is not None:
+            setattr(opts, name, value)
+    opts.compiled = args.compiled
 
 
 class PromptBook:

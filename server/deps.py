@@ -20,14 +20,16 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_resolver(request: Request) -> TenantResolver:
+# The per-request dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in a worker
+# thread, a round trip that costs more than these lookups themselves.
+async def get_resolver(request: Request) -> TenantResolver:
     resolver: TenantResolver | None = request.app.state.resolver
     if resolver is None:
         raise APIError(503, "the server is starting: patches and tenants are not loaded yet")
     return resolver
 
 
-def get_service(request: Request) -> CompletionService:
+async def get_service(request: Request) -> CompletionService:
     service: CompletionService | None = request.app.state.service
     if service is None:
         raise APIError(503, "the server is starting: the inference engine is not ready yet")
@@ -64,7 +66,7 @@ def require_admin(request: Request, authorization: Annotated[str | None, Header(
         raise APIError(401, "admin API: missing or wrong admin token", code="invalid_admin_token")
 
 
-def get_admin(request: Request) -> AdminService:
+async def get_admin(request: Request) -> AdminService:
     admin: AdminService | None = request.app.state.admin
     if admin is None:
         raise APIError(503, "the server is starting: patches and tenants are not loaded yet")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
@@ -21,6 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from patches.errors import RejectReason
 from patches.format import Patch
 from patches.refusal import is_refusal
+
+if TYPE_CHECKING:
+    from server.engine import ChunkTiming
 
 # No ``*_created`` series: they double the series count and no dashboard reads them (vLLM does the same).
 disable_created_metrics()
@@ -193,7 +197,8 @@ class Metrics:
 
 @dataclass
 class RequestTracker:
-    """Times one admitted request and counts its tokens, under its tenant/stack labels."""
+    """Times one admitted request and counts its tokens, under its tenant/stack labels (the labelled
+    series are looked up once, at :meth:`begin`, not once per token)."""
 
     metrics: Metrics
     tenant: str
@@ -202,6 +207,14 @@ class RequestTracker:
     start: float
     last: float | None = None
     cached: int = 0
+    _generated: Counter = field(init=False, repr=False)
+    _ttft: Histogram = field(init=False, repr=False)
+    _itl: Histogram = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        m, labels = self.metrics, (self.tenant, self.stack)
+        self._generated = m.generation_tokens.labels(*labels)
+        self._ttft, self._itl = m.ttft.labels(*labels), m.itl.labels(*labels)
 
     @classmethod
     def begin(cls, metrics: Metrics, tenant: str, stack: str, prompt_tokens: int, patch_len: int) -> RequestTracker:
@@ -209,19 +222,27 @@ class RequestTracker:
         metrics.patch_tokens.labels(tenant, stack).inc(patch_len)
         return cls(metrics, tenant, stack, patch_len, time.perf_counter())
 
-    def tokens(self, n: int, cached_tokens: int) -> None:
-        """``n`` new output tokens arrived now (``cached_tokens``: the engine's prefix-cache hits)."""
+    def tokens(self, n: int, cached_tokens: int, timing: ChunkTiming | None = None) -> None:
+        """``n`` new output tokens arrived now (``cached_tokens``: the engine's prefix-cache hits).
+
+        With ``timing`` (a whole generation delivered at once) the time to the first token and the
+        gaps between tokens are the engine's: its first-token latency, and its decode time spread evenly
+        over the ``n - 1`` later tokens (so the ITL sum and count match a token-by-token delivery)."""
         if n <= 0:
             return
         now = time.perf_counter()
-        m, labels = self.metrics, (self.tenant, self.stack)
-        m.generation_tokens.labels(*labels).inc(n)
-        if self.last is None:
-            m.ttft.labels(*labels).observe(now - self.start)
+        self._generated.inc(n)
+        if timing is not None:
+            if self.last is None:
+                self._ttft.observe(timing.first_token)
+            for _ in range(n - 1):
+                self._itl.observe(timing.decode / (n - 1))
+        elif self.last is None:
+            self._ttft.observe(now - self.start)
         else:
-            itl = m.itl.labels(*labels)
+            gap = (now - self.last) / n
             for _ in range(n):
-                itl.observe((now - self.last) / n)
+                self._itl.observe(gap)
         self.last = now
         self.cached = max(self.cached, cached_tokens)
 

@@ -148,7 +148,8 @@ class OverheadSampler:
             return
         salt = f"shadow-{uuid.uuid4().hex}"
         sampling = SamplingSpec(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
-        patched = replace(request, request_id="", sampling=sampling, cache_salt=salt)
+        # streamed: a replay times its first token, whatever the request it samples asked for
+        patched = replace(request, request_id="", sampling=sampling, cache_salt=salt, stream=True)
         bare = replace(patched, layout=None)
         one_token = SamplingSpec(max_tokens=1, temperature=0.0)
         for variant in (patched, bare):

@@ -34,7 +34,7 @@ from server.responses import (
     Usage,
     new_id,
 )
-from server.tenancy import Caller, ResolvedStack, TenantResolver
+from server.tenancy import Caller, NotComposed, ResolvedStack, TenantResolver
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,16 @@ class CompletionService:
 
     async def admit(self, caller: Caller, model: str | None) -> ResolvedStack:
         """Fix the request's patch stack, once, from ``model`` and ``X-Patch-Stack``
-        (:meth:`TenantResolver.select`). In a worker thread: a stack's first use composes its layout."""
-        if self.resolver is None:
+        (:meth:`TenantResolver.select`). A stack served before is resolved at once (lookups and a hash);
+        a stack's first use composes its layout, in a worker thread."""
+        resolver = self.resolver
+        if resolver is None:
             raise RuntimeError("CompletionService has no resolver")
-        return await asyncio.to_thread(self.resolver.select, caller.tenant, caller.stack_header, model, self.model_name)
+        args = (caller.tenant, caller.stack_header, model, self.model_name)
+        try:
+            return resolver.select(*args, compose=False)
+        except NotComposed:
+            return await asyncio.to_thread(resolver.select, *args)
 
     async def chat(
         self, request: ChatCompletionRequest, stack: ResolvedStack
@@ -289,6 +295,7 @@ class CompletionService:
             layout=stack.layout,
             sampling=sampling,
             cache_salt=stack.cache_salt,
+            stream=request.stream,  # a non-streamed response needs only the finished generation
         )
         if request.end_user is not None:  # recorded for the operator, never trusted or used as a label
             log.info(
@@ -334,7 +341,7 @@ class CompletionService:
         tracker = RequestTracker.begin(self.metrics, stack.tenant, label, totals.prompt_tokens, totals.patch_tokens)
         async for chunk in self.engine.generate(engine_request):
             totals.add(chunk)
-            tracker.tokens(chunk.n_tokens, chunk.cached_tokens)
+            tracker.tokens(chunk.n_tokens, chunk.cached_tokens, chunk.timing)
             yield chunk
         tracker.finish()
         self.metrics.classify(stack.tenant, label, stack.patches, (totals.text(i) for i in range(totals.n)))

@@ -34,6 +34,11 @@ APPLIED_HEADER = "X-Patch-Applied"
 _LAYOUT_CACHE_SIZE = 1024
 
 
+class NotComposed(Exception):
+    """The selected stack's layout has not been composed yet (from :meth:`TenantResolver.select` with
+    ``compose=False``): select it again where blocking is fine (composing casts and joins tensors)."""
+
+
 @dataclass(frozen=True)
 class Caller:
     """An authenticated request, before its stack is fixed (that needs the body's ``model``)."""
@@ -130,10 +135,13 @@ class TenantResolver:
             raise Unauthenticated(f"unknown tenant {tenant_id!r}", param=TENANT_HEADER)
         return tenant
 
-    def select(self, tenant: Tenant, stack_header: str | None, model: str | None, base: str) -> ResolvedStack:
+    def select(
+        self, tenant: Tenant, stack_header: str | None, model: str | None, base: str, *, compose: bool = True
+    ) -> ResolvedStack:
         """Resolve one request's stack from its ``model`` and ``X-Patch-Stack``: a stack named in ``model``
         wins; the header may repeat it (the same refs) but not contradict it; without either, the
-        tenant's default.
+        tenant's default. With ``compose`` False it never blocks: a stack whose layout is not cached
+        raises :class:`NotComposed` instead of composing it.
 
         Raises:
             UnknownModel: A ``model`` that is not served (404).
@@ -143,13 +151,13 @@ class TenantResolver:
         from_model = parse_model(model, base)
         from_header = parse_stack(stack_header) if stack_header is not None else None
         if from_model is None:
-            return self.resolve_refs(tenant, from_header, param=STACK_HEADER)
+            return self.resolve_refs(tenant, from_header, param=STACK_HEADER, compose=compose)
         if from_header is not None and from_header != from_model:
             raise ModelSpecError(
                 f"model {model!r} and {STACK_HEADER}: {stack_header.strip()!r} select different stacks; "
                 "send one of them (or the same stack in both)"
             )
-        return self.resolve_refs(tenant, from_model, param=MODEL_PARAM)
+        return self.resolve_refs(tenant, from_model, param=MODEL_PARAM, compose=compose)
 
     def resolve(self, tenant: Tenant, stack_header: str | None) -> ResolvedStack:
         """Resolve the stack for one request: the header's choice, else the tenant's default.
@@ -159,8 +167,11 @@ class TenantResolver:
         """
         return self.resolve_refs(tenant, parse_stack(stack_header) if stack_header is not None else None)
 
-    def resolve_refs(self, tenant: Tenant, refs: list[PatchRef] | None, *, param: str = STACK_HEADER) -> ResolvedStack:
-        """Resolve a selected stack (``refs``; None for the tenant's default) into patches, layout and salt.
+    def resolve_refs(
+        self, tenant: Tenant, refs: list[PatchRef] | None, *, param: str = STACK_HEADER, compose: bool = True
+    ) -> ResolvedStack:
+        """Resolve a selected stack (``refs``; None for the tenant's default) into patches, layout and salt
+        (``compose`` False: :class:`NotComposed` rather than composing a layout that is not cached).
 
         Raises:
             Forbidden: A patch the tenant may not select, or ``none`` when not allowed (403, naming ``param``).
@@ -170,9 +181,8 @@ class TenantResolver:
         patches = self.admissible(tenant, refs, param=param)
         digests = tuple(p.digest for p in patches)
         salt = hashlib.sha256("\0".join((tenant.id, *digests)).encode()).hexdigest()[:32]
-        return ResolvedStack(
-            tenant=tenant.id, patches=tuple(patches), layout=self._layout(patches, digests), cache_salt=salt
-        )
+        layout = self._layout(patches, digests, compose)
+        return ResolvedStack(tenant=tenant.id, patches=tuple(patches), layout=layout, cache_salt=salt)
 
     def admissible(self, tenant: Tenant, refs: list[PatchRef] | None, *, param: str = STACK_HEADER) -> list[Patch]:
         """The patches ``refs`` (None: the default stack) resolve to for ``tenant``, if it may use them.
@@ -229,11 +239,13 @@ class TenantResolver:
             out.setdefault(model_name(base, refs), patches)
         return list(out.items())
 
-    def _layout(self, patches: list[Patch], key: tuple[str, ...]) -> Layout | None:
+    def _layout(self, patches: list[Patch], key: tuple[str, ...], compose: bool = True) -> Layout | None:
         with self._layouts_lock:
             if key in self._layouts:
                 self._layouts.move_to_end(key)
                 return self._layouts[key]
+        if not compose:
+            raise NotComposed(f"the layout of stack {'+'.join(p.ref for p in patches) or 'none'} is not composed")
         layout = compose_stack(patches, separator_id=self._separator_id)  # outside the lock: may be slow
         if layout is not None:
             layout = layout.to(self._dtype)
