@@ -1,8 +1,9 @@
-"""Asynchronous closed-loop load: ``concurrency`` clients send streaming requests back to back.
+"""Asynchronous closed-loop load: ``concurrency`` clients send requests back to back.
 
-Each request is a streamed OpenAI chat or text completion; the client stamps every SSE frame that
-carries output text and reads the token count from the final usage frame. aiohttp keeps the client's
-own CPU cost low (it shares the two cores with the server under test).
+Each request is an OpenAI chat or text completion. A streamed one (the default): the client stamps every
+SSE frame that carries output text and reads the token count from the final usage frame. A body with
+``"stream": false``: the answer arrives whole (TTFT = end-to-end) and its usage gives the tokens.
+aiohttp keeps the client's own CPU cost low (it shares the two cores with the server under test).
 """
 
 from __future__ import annotations
@@ -72,6 +73,27 @@ async def stream_call(session: aiohttp.ClientSession, base_url: str, call: Call)
     return Sample(ttft=first - started, e2e=end - started, tokens=tokens, gaps=gaps)
 
 
+async def json_call(session: aiohttp.ClientSession, base_url: str, call: Call) -> Sample:
+    """Send one non-streamed request and time it: the answer arrives whole (TTFT = e2e, no gaps)."""
+    headers = {"content-type": "application/json", **call.headers}
+    data = call.body if isinstance(call.body, bytes) else json.dumps(call.body).encode()
+    started = time.perf_counter()
+    async with session.post(base_url + call.path, data=data, headers=headers) as response:
+        raw = await response.read()
+        if response.status != 200:
+            raise RequestFailed(f"{call.path}: HTTP {response.status}: {raw[:500]!r}")
+    end = time.perf_counter()
+    tokens = int(json.loads(raw)["usage"]["completion_tokens"])
+    return Sample(ttft=end - started, e2e=end - started, tokens=tokens)
+
+
+async def send(session: aiohttp.ClientSession, base_url: str, call: Call) -> Sample:
+    """:func:`json_call` for a body that says ``"stream": false``, else :func:`stream_call`."""
+    if isinstance(call.body, dict) and call.body.get("stream") is False:
+        return await json_call(session, base_url, call)
+    return await stream_call(session, base_url, call)
+
+
 async def closed_loop(base_url: str, calls: Sequence[Call], concurrency: int) -> Segment:
     """Run ``calls`` with ``concurrency`` workers, each sending its next call when the previous ends."""
     queue: asyncio.Queue[Call] = asyncio.Queue()
@@ -84,7 +106,7 @@ async def closed_loop(base_url: str, calls: Sequence[Call], concurrency: int) ->
 
         async def worker() -> None:
             while not queue.empty():
-                samples.append(await stream_call(session, base_url, queue.get_nowait()))
+                samples.append(await send(session, base_url, queue.get_nowait()))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -29,20 +29,18 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
-import aiohttp
 import psutil
 
-from bench import loadgen
 from bench.launch import prepare_root, running_server_process, server_env
-from bench.loadgen import Call, RequestFailed, run_segment
+from bench.loadgen import Call, run_segment
 from bench.profile import py_spy
 from bench.segments import Matrix, log, rotated, warm_up
-from bench.stats import Sample, Segment, check_target, jsonable, point_figures, segment_throughput_ratios
+from bench.stats import Segment, check_target, jsonable, point_figures, segment_throughput_ratios
 from bench.variants import DEMO_TRUST, ENGINE, MODEL_ID, TENANT_OF, patchserve_call, vllm_chat_call, vllm_server_process
 from bench.workload import Options, PromptBook, add_load_arguments, apply_overrides, request_count
 
@@ -70,42 +68,6 @@ def make_call(server: str, mode: str, prompt: str, max_tokens: int) -> Call:
 def patchserve_engine_env(memory_share: float = MEMORY_SHARE) -> dict[str, str]:
     """``PATCHSERVE_*`` engine settings equal to vLLM's server arguments (:data:`ENGINE`, ``memory_share``)."""
     return {f"PATCHSERVE_{k.upper()}": str(v) for k, v in {**ENGINE, "gpu_memory_utilization": memory_share}.items()}
-
-
-# --- non-streamed requests through bench.loadgen ------------------------------------------------------
-
-
-async def json_call(session: aiohttp.ClientSession, base_url: str, call: Call) -> Sample:
-    """Send one non-streamed request and time it: the answer arrives whole (TTFT = e2e, no gaps)."""
-    headers = {"content-type": "application/json", **call.headers}
-    data = call.body if isinstance(call.body, bytes) else json.dumps(call.body).encode()
-    started = time.perf_counter()
-    async with session.post(base_url + call.path, data=data, headers=headers) as response:
-        raw = await response.read()
-        if response.status != 200:
-            raise RequestFailed(f"{call.path}: HTTP {response.status}: {raw[:500]!r}")
-    end = time.perf_counter()
-    tokens = int(json.loads(raw)["usage"]["completion_tokens"])
-    return Sample(ttft=end - started, e2e=end - started, tokens=tokens)
-
-
-@contextmanager
-def non_streamed_calls() -> Iterator[None]:
-    """Let :mod:`bench.loadgen` (streams only) send calls whose body says ``"stream": false`` with
-    :func:`json_call`: its closed loop looks ``stream_call`` up at each request, so it is swapped here
-    for a dispatcher while the block runs (and restored after)."""
-    streamed = loadgen.stream_call
-
-    async def any_call(session: aiohttp.ClientSession, base_url: str, call: Call) -> Sample:
-        if isinstance(call.body, dict) and call.body.get("stream") is False:
-            return await json_call(session, base_url, call)
-        return await streamed(session, base_url, call)
-
-    loadgen.stream_call = any_call  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        loadgen.stream_call = streamed  # type: ignore[assignment]
 
 
 # --- the rounds -----------------------------------------------------------------------------------------
@@ -311,7 +273,6 @@ def run(opts: Options, book: PromptBook, work: Path, model_dir: Path, profile_se
     """Both servers up at once; warm-up, sizing, the rounds (and profiles); the rows and targets."""
     logs = {"bare": work / "patchserve-server.log", "vllm_bare": work / "vllm-server.log"}
     with ExitStack() as stack:
-        stack.enter_context(non_streamed_calls())
         started = time.monotonic()
         ps_url, ps_proc = stack.enter_context(
             running_server_process(patchserve_root(work, model_dir, opts), logs["bare"])

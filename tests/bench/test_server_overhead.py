@@ -19,7 +19,6 @@ from bench.server_overhead import (
     function_shares,
     make_call,
     markdown,
-    non_streamed_calls,
     order,
     overhead_rows,
     patchserve_engine_env,
@@ -201,23 +200,18 @@ def test_non_streamed_calls_go_through_the_loadgen_and_count_usage_tokens() -> N
         answer = {"choices": [{"message": {"content": "ab"}}], "usage": {"completion_tokens": 7}}
         return web.json_response(answer)
 
-    async def scenario() -> tuple[Segment, Segment, Segment]:
+    async def scenario() -> tuple[Segment, Segment]:
         runner, url = await _serve(handler)
         try:
-            calls = [make_call("vllm_bare", "nostream", "hi", 7)] * 3
-            without = await loadgen.closed_loop(url, calls, 2)  # streams only: the JSON answer counts nothing
-            with non_streamed_calls():
-                plain = await loadgen.closed_loop(url, calls, 2)
-                streamed = await loadgen.closed_loop(url, [make_call("bare", "stream", "hi", 2)], 1)
-            return without, plain, streamed
+            plain = await loadgen.closed_loop(url, [make_call("vllm_bare", "nostream", "hi", 7)] * 3, 2)
+            streamed = await loadgen.closed_loop(url, [make_call("bare", "stream", "hi", 2)], 1)
+            return plain, streamed
         finally:
             await runner.cleanup()
 
-    without, plain, streamed = asyncio.run(scenario())
-    assert without.tokens == 0
+    plain, streamed = asyncio.run(scenario())
     assert plain.tokens == 21 and all(s.ttft == s.e2e and s.gaps == [] for s in plain.samples)
     assert streamed.tokens == 2
-    assert loadgen.stream_call.__name__ == "stream_call"  # restored
 
 
 def test_non_streamed_call_failure_is_reported() -> None:
@@ -227,8 +221,7 @@ def test_non_streamed_call_failure_is_reported() -> None:
     async def scenario() -> None:
         runner, url = await _serve(handler)
         try:
-            with non_streamed_calls():
-                await loadgen.closed_loop(url, [make_call("bare", "nostream", "hi", 4)], 1)
+            await loadgen.closed_loop(url, [make_call("bare", "nostream", "hi", 4)], 1)
         finally:
             await runner.cleanup()
 
