@@ -8,7 +8,8 @@ prompt and each patch:
   out), tagged by file, so sets added later are reported apart from the ones before them;
 * ``external``: prompt sets from other sources, never trained on (``patches/evalsets.py``).
 
-Usage: ``python -m bench.patch_eval [--patch FILE ...] [--out DIR]``.
+Usage: ``python -m bench.patch_eval [--patch FILE ...] [--stack a@1+b@2 ...] [--out DIR]`` (a stack of the
+given patch files is one more variant: the refusal columns of a stack's interference row).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--per-set", type=int, help="at most this many prompts per set (fixed sample; quick runs)")
     parser.add_argument("--skip", choices=["heldout", "external"], action="append", default=[])
+    parser.add_argument(
+        "--stack", action="append", default=[], help="a stack of the given patches, 'a@1+b@2' (repeatable)"
+    )
     args = parser.parse_args()
 
     sets: dict[str, list[EvalPrompt]] = {}  # built before the server starts: a failed download costs no start
@@ -63,7 +67,7 @@ def main() -> None:
         sets["external"] = evalsets.build(default_cache_dir() / "eval-sets")
     if args.per_set:
         sets = {name: _per_set(prompts, args.per_set) for name, prompts in sets.items()}
-    root, variants = eval_root("patch-eval-", args.patch or [SHIPPED_PATCH], trust_from=args.trust)
+    root, variants = eval_root("patch-eval-", args.patch or [SHIPPED_PATCH], trust_from=args.trust, stacks=args.stack)
     env = server_env(root, prepare_default_model(), log_level="warning")
     with running_server(env, root / "server.log") as url:
         for name, prompts in sets.items():
