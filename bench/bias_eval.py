@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.launch import eval_root, running_server, server_env
+from bench.launch import add_stack_argument, eval_root, running_server, server_env
 from bench.variants import DEMO_TRUST
 from patches import biasprompts
 from patches.basemodel import prepare_default_model
@@ -35,9 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("var/eval/bias"), help="results: OUT/{heldout,external}")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--winobias", type=int, default=120, help="WinoBias sentences (0: held-out templates only)")
-    parser.add_argument(
-        "--stack", action="append", default=[], help="a stack of the given patches, 'a@1+b@2' (repeatable)"
-    )
+    add_stack_argument(parser)
     parser.add_argument("--no-system-prompt", action="store_true", help="leave out the system-prompt baseline")
     args = parser.parse_args()
 

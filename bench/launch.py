@@ -3,6 +3,7 @@ lay out its files (:func:`prepare_root`, and :func:`eval_root` for the evaluatio
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -64,6 +65,13 @@ def tenants_for(patches: list[Path], stacks: list[str] = ()) -> tuple[list[dict]
         tenants.append({"id": f"stack-{k}", "default_stack": refs, "allowed_patches": sorted(set(names))})
         variants.append(f"{stack}:stack-{k}")
     return tenants, variants
+
+
+def add_stack_argument(parser: argparse.ArgumentParser) -> None:
+    """``--stack a@1+b@2`` (repeatable): the ``stacks`` of :func:`eval_root`."""
+    parser.add_argument(
+        "--stack", action="append", default=[], help="a stack of the given patches, 'a@1+b@2' (repeatable)"
+    )
 
 
 def eval_root(prefix: str, patches: list[Path], *, trust_from: Path, stacks: list[str] = ()) -> tuple[Path, list[str]]:

@@ -184,8 +184,6 @@ def main() -> None:
         phases=args.phases,
         memory_patches=args.memory_patches,
     )
-    if args.phases is None:
-        opts.phases = [*opts.phases, "server"]
     opts.api_torch_threads = args.api_torch_threads
     out_dir = Path(os.environ.get("PATCHSERVE_BENCH_OUT", "bench-results"))
     out_dir.mkdir(parents=True, exist_ok=True)

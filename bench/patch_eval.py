@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.launch import eval_root, running_server, server_env
+from bench.launch import add_stack_argument, eval_root, running_server, server_env
 from bench.variants import DEMO_TRUST, SHIPPED_PATCH
 from patches import evalsets
 from patches.basemodel import default_cache_dir, prepare_default_model
@@ -55,9 +55,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--per-set", type=int, help="at most this many prompts per set (fixed sample; quick runs)")
     parser.add_argument("--skip", choices=["heldout", "external"], action="append", default=[])
-    parser.add_argument(
-        "--stack", action="append", default=[], help="a stack of the given patches, 'a@1+b@2' (repeatable)"
-    )
+    add_stack_argument(parser)
     args = parser.parse_args()
 
     sets: dict[str, list[EvalPrompt]] = {}  # built before the server starts: a failed download costs no start

@@ -41,7 +41,15 @@ from bench.loadgen import Call, run_segment
 from bench.profile import py_spy
 from bench.segments import Matrix, log, rotated, warm_up
 from bench.stats import Segment, check_target, jsonable, point_figures, segment_throughput_ratios
-from bench.variants import DEMO_TRUST, ENGINE, MODEL_ID, TENANT_OF, patchserve_call, vllm_chat_call, vllm_server_process
+from bench.variants import (
+    DEMO_TRUST,
+    MODEL_ID,
+    TENANT_OF,
+    engine_args,
+    patchserve_call,
+    vllm_chat_call,
+    vllm_server_process,
+)
 from bench.workload import Options, PromptBook, add_load_arguments, apply_overrides, request_count
 
 MEMORY_SHARE = 0.12  # gpu_memory_utilization of each engine: two run at once beside other jobs
@@ -63,11 +71,6 @@ def make_call(server: str, mode: str, prompt: str, max_tokens: int) -> Call:
     if server == "vllm_bare":
         return vllm_chat_call(MODEL_ID, prompt, max_tokens, stream=stream)
     raise ValueError(f"unknown server {server!r}")
-
-
-def patchserve_engine_env(memory_share: float = MEMORY_SHARE) -> dict[str, str]:
-    """``PATCHSERVE_*`` engine settings equal to vLLM's server arguments (:data:`ENGINE`, ``memory_share``)."""
-    return {f"PATCHSERVE_{k.upper()}": str(v) for k, v in {**ENGINE, "gpu_memory_utilization": memory_share}.items()}
 
 
 # --- the rounds -----------------------------------------------------------------------------------------
@@ -245,11 +248,12 @@ def profile(
 
 
 def patchserve_root(work: Path, model_dir: Path, opts: Options) -> dict[str, str]:
-    """A patchserve with one tenant (the bare one) and :func:`patchserve_engine_env`; its env."""
+    """A patchserve with one tenant (the bare one) and vLLM's server's engine arguments
+    (:func:`bench.variants.engine_args` at :data:`MEMORY_SHARE`); its env."""
     root = work / "patchserve"
     prepare_root(root, [{"id": TENANT_OF["bare"], "allow_unpatched": True}], trust_from=DEMO_TRUST)
     settings = {"enforce_eager": str(not opts.compiled).lower(), "log_level": "warning", "served_model_name": MODEL_ID}
-    return {**server_env(root, model_dir, **settings), **patchserve_engine_env()}
+    return server_env(root, model_dir, **settings, **engine_args(MEMORY_SHARE))
 
 
 def engine_config_line(log_path: Path) -> str:
@@ -309,7 +313,7 @@ def run(opts: Options, book: PromptBook, work: Path, model_dir: Path, profile_se
         "rows": rows,
         "targets": targets(rows),
         "memory_share": MEMORY_SHARE,
-        "engine": {**ENGINE, "gpu_memory_utilization": MEMORY_SHARE, "enforce_eager": not opts.compiled},
+        "engine": {**engine_args(MEMORY_SHARE), "enforce_eager": not opts.compiled},
         "engine_config_differences": config_differences(configs["bare"], configs["vllm_bare"]),
         "requests_per_segment": sizes,
         "rounds": opts.repeats,

@@ -144,9 +144,14 @@ ENGINE = {"dtype": "bfloat16", "block_size": 32, "max_model_len": 2048, "max_num
 MEMORY_SHARE = 0.3  # gpu_memory_utilization (of RAM, on CPU) when one engine runs at a time
 
 
+def engine_args(memory_share: float = MEMORY_SHARE) -> dict[str, object]:
+    """:data:`ENGINE` with a ``gpu_memory_utilization``: one engine's arguments, by setting name."""
+    return {**ENGINE, "gpu_memory_utilization": memory_share}
+
+
 def vllm_args(model_dir: Path, opts: Options, lora_dir: Path | None, memory_share: float = MEMORY_SHARE) -> list[str]:
     args = ["--model", str(model_dir), "--served-model-name", MODEL_ID]
-    for name, value in {**ENGINE, "gpu_memory_utilization": memory_share}.items():
+    for name, value in engine_args(memory_share).items():
         args += ["--" + name.replace("_", "-"), str(value)]
     args += [
         "--enable-prefix-caching",

@@ -69,7 +69,7 @@ class Options:
     memory_patches: int = 200
     compiled: bool = False
     api_torch_threads: int | None = None
-    phases: list[str] = field(default_factory=lambda: ["patchserve", "vllm", "lora"])
+    phases: list[str] = field(default_factory=lambda: ["patchserve", "vllm", "lora", "server"])
 
     @classmethod
     def quick(cls) -> Options:

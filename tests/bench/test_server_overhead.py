@@ -21,7 +21,7 @@ from bench.server_overhead import (
     markdown,
     order,
     overhead_rows,
-    patchserve_engine_env,
+    patchserve_root,
     targets,
     variant,
 )
@@ -61,7 +61,7 @@ def test_non_streamed_sampling_has_no_stream_options() -> None:
 def test_both_engines_get_the_same_arguments_and_memory_share(tmp_path: Path) -> None:
     args = vllm_args(tmp_path, Options(), None, MEMORY_SHARE)
     flags = dict(zip(args[::2], args[1::2], strict=False))  # the model and engine flags come first, each with a value
-    env = patchserve_engine_env()
+    env = patchserve_root(tmp_path, tmp_path, Options())
     for name, value in {**ENGINE, "gpu_memory_utilization": MEMORY_SHARE}.items():
         assert flags["--" + name.replace("_", "-")] == str(value)
         assert env[f"PATCHSERVE_{name.upper()}"] == str(value)
@@ -69,10 +69,10 @@ def test_both_engines_get_the_same_arguments_and_memory_share(tmp_path: Path) ->
     assert "--enforce-eager" in args and "--enforce-eager" not in vllm_args(tmp_path, Options(compiled=True), None)
 
 
-def test_patchserve_engine_env_is_what_the_server_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_patchserve_engine_settings_are_what_the_server_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from server.settings import Settings
 
-    for key, value in patchserve_engine_env().items():
+    for key, value in patchserve_root(tmp_path, tmp_path, Options()).items():
         monkeypatch.setenv(key, value)
     settings = Settings(dev_mode=True, allow_unsigned=True, patch_dir=tmp_path)
     assert settings.gpu_memory_utilization == MEMORY_SHARE
