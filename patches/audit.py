@@ -8,10 +8,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from patches.format import REQUIRED_FIELDS, SIGNATURE_FIELD, content_digest, read_patch
+from patches.errors import PatchRejected
+from patches.format import MAX_FILE_BYTES, REQUIRED_FIELDS, SIGNATURE_FIELD, PatchMetadata, content_digest, read_patch
+from patches.stack import PatchRef
 from patches.tenants import Tenant, TenantConfig
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -211,7 +214,66 @@ def _added_removed(subject: str, name: str, label: str, old: list[str], new: lis
     return out
 
 
-def _diff_tenant(a: Tenant, b: Tenant) -> list[Change]:
+Catalog = dict[str, list[PatchMetadata]]
+"""Patch name → the metadata of its files, lowest version first (:func:`patch_catalog`)."""
+
+
+def patch_catalog(directory: Path) -> Catalog:
+    """The metadata of every well-formed patch file in ``directory`` (``*.safetensors``, regular files of at
+    most ``MAX_FILE_BYTES``); others are skipped. Signatures are not verified: this names what files say
+    they are, for reading a tenant diff, not what a server would serve.
+
+    Args:
+        directory: A patch directory, such as ``deploy/demo/patches``.
+
+    Returns:
+        The catalog.
+    """
+    catalog: Catalog = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
+            continue
+        try:
+            meta = read_patch(path.read_bytes())[0]
+        except PatchRejected:
+            continue
+        catalog.setdefault(meta.name, []).append(meta)
+    return {name: sorted(metas, key=lambda m: m.version) for name, metas in catalog.items()}
+
+
+def _resolve(ref_text: str, catalog: Catalog) -> PatchMetadata | None:
+    """The file a stack entry names: its exact version, or for a bare name the newest one."""
+    ref = PatchRef.parse(ref_text)
+    metas = catalog.get(ref.name, [])
+    if ref.version is None:
+        return metas[-1] if metas else None
+    return next((m for m in metas if m.version == ref.version), None)
+
+
+def _guards(stack: list[str], catalog: Catalog) -> dict[str, str]:
+    """Domain → the stack entries that cover it (``ref`` or ``name (not in the directory)``)."""
+    out: dict[str, list[str]] = {}
+    for entry in stack:
+        meta = _resolve(entry, catalog)
+        domain, label = (meta.domain, meta.ref) if meta else ("unknown", f"{entry} (not in the patch directory)")
+        out.setdefault(domain, []).append(label)
+    return {domain: ", ".join(refs) for domain, refs in out.items()}
+
+
+def _domain_change(subject: str, old: list[str], new: list[str], catalog: Catalog) -> list[Change]:
+    """What a default-stack change does, by domain: which protections it adds, drops or moves to
+    another version (one sentence; none when the domains and their patches are the same)."""
+    before, after = _guards(old, catalog), _guards(new, catalog)
+    if before == after:
+        return []
+    parts = [f"adds {d} ({after[d]})" for d in after if d not in before]
+    parts += [f"drops {d} ({before[d]})" for d in before if d not in after]
+    parts += [f"changes {d} ({before[d]} → {after[d]})" for d in after if d in before and before[d] != after[d]]
+    text = f"{subject}: default stack {'; '.join(parts)}"
+    return [Change(subject, "domains", before, after, text)]
+
+
+def _diff_tenant(a: Tenant, b: Tenant, catalog: Catalog | None = None) -> list[Change]:
     subject = f"tenant {a.id}"
     changes: list[Change] = []
     if a.default_stack != b.default_stack:  # order matters: it is the engine-input order
@@ -224,6 +286,8 @@ def _diff_tenant(a: Tenant, b: Tenant) -> list[Change]:
                 f"{subject}: default stack {_stack(a.default_stack)} → {_stack(b.default_stack)}",
             )
         )
+        if catalog is not None:
+            changes += _domain_change(subject, a.default_stack, b.default_stack, catalog)
     changes += _added_removed(subject, "allowed_patches", "allowed patches", a.allowed_patches, b.allowed_patches)
     if a.allow_unpatched != b.allow_unpatched:
         text = f"{subject}: allow unpatched {_fmt(a.allow_unpatched)} → {_fmt(b.allow_unpatched)}"
@@ -246,7 +310,7 @@ def _diff_tenant(a: Tenant, b: Tenant) -> list[Change]:
     return changes
 
 
-def diff_tenants(old: TenantConfig, new: TenantConfig) -> list[Change]:
+def diff_tenants(old: TenantConfig, new: TenantConfig, catalog: Catalog | None = None) -> list[Change]:
     """Every difference between two tenant configurations, tenant by tenant.
 
     API keys are reported as counts (added, removed, total), never as hashes.
@@ -254,6 +318,8 @@ def diff_tenants(old: TenantConfig, new: TenantConfig) -> list[Change]:
     Args:
         old: The first configuration.
         new: The second configuration.
+        catalog: Patch files to name each default-stack change's domains from (:func:`patch_catalog`);
+            without it, stacks are compared by name only.
 
     Returns:
         Changes in the old file's tenant order, then added tenants in the new file's order.
@@ -264,9 +330,11 @@ def diff_tenants(old: TenantConfig, new: TenantConfig) -> list[Change]:
         if other is None:
             changes.append(Change(f"tenant {tenant.id}", "tenant", tenant.id, None, f"tenant {tenant.id}: removed"))
         else:
-            changes += _diff_tenant(tenant, other)
+            changes += _diff_tenant(tenant, other, catalog)
     for tenant in new.tenants:
         if old.get(tenant.id) is None:
             text = f"tenant {tenant.id}: {_describe_new_tenant(tenant)}"
             changes.append(Change(f"tenant {tenant.id}", "tenant", None, tenant.id, text))
+            if catalog is not None:
+                changes += _domain_change(f"tenant {tenant.id}", [], tenant.default_stack, catalog)
     return changes

@@ -232,9 +232,13 @@ def diff(
     a: Annotated[Path, typer.Argument(help="Old patch file or tenant file")],
     b: Annotated[Path, typer.Argument(help="New file of the same kind")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of sentences")] = False,
+    patches: Annotated[
+        Path | None,
+        typer.Option("--patches", help="tenant files: patch directory to name what each stack change guards against"),
+    ] = None,
 ) -> None:
     """Compare two patch files or two tenant files: one sentence per change; exit 1 if any, 0 if identical."""
-    from patches.audit import diff_patches, diff_tenants
+    from patches.audit import diff_patches, diff_tenants, patch_catalog
     from patches.tenants import load_tenants
 
     kind_a, kind_b = _kind(a), _kind(b)
@@ -244,7 +248,10 @@ def diff(
         if kind_a == "patch":
             changes = diff_patches(_read(a), _read(b))
         else:
-            changes = diff_tenants(load_tenants(a), load_tenants(b))
+            if patches is not None and not patches.is_dir():
+                _fail(f"--patches {patches}: not a directory")
+            catalog = patch_catalog(patches) if patches is not None else None
+            changes = diff_tenants(load_tenants(a), load_tenants(b), catalog)
     except PatchRejected as exc:
         _fail(f"[{exc.reason}] {exc}")
     except TenantConfigError as exc:

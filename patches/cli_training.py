@@ -75,6 +75,9 @@ def train(
     detox_margin: Annotated[float, typer.Option(help="detox: least chosen/rejected score gap for DPO")] = 0.1,
     min_tokens: Annotated[int, typer.Option(help="detox: least tokens of a chosen continuation")] = 4,
     fairness_benign: Annotated[int, typer.Option(help="fairness: benign prompts kept close to the bare model")] = 300,
+    domain: Annotated[
+        str, typer.Option(help="What the patch guards against (default: harmful-requests, toxicity or gender-bias)")
+    ] = "",
 ) -> None:
     """Train a safety patch (SFT then DPO) on the frozen base model; resumes from checkpoints in --work-dir."""
     from patches.train.config import TrainConfig
@@ -89,7 +92,7 @@ def train(
             dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, nll_weight=nll_weight,
             batch_size=batch_size,
             response_tokens=response_tokens, holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,
-            out=out, key=key, bf16=bf16, threads=threads, device=device,
+            out=out, key=key, bf16=bf16, threads=threads, device=device, domain=domain,
         )  # fmt: skip
     except ValueError as exc:  # a bad value, or --device cuda without CUDA
         _fail(str(exc))

@@ -48,6 +48,7 @@ class ProfanityCheckScorer:
 
     def __init__(self) -> None:
         self._model: Any = None
+        self._fast: _FittedSigmoidSVM | bool | None = None  # None: not tried yet; False: not applicable
         self._lock = threading.Lock()
 
     def _load(self) -> Any:
@@ -67,8 +68,59 @@ class ProfanityCheckScorer:
     def score(self, texts: list[str]) -> list[float]:
         if not texts:
             return []
-        probs = self._load().predict_prob(list(texts))
+        module = self._load()
+        with self._lock:
+            if self._fast is None:
+                self._fast = _FittedSigmoidSVM.of(module)
+        probs = self._fast(list(texts)) if self._fast else module.predict_prob(list(texts))
         return [min(1.0, max(0.0, float(p))) for p in probs]
+
+
+_PROBES = ["You are a stupid worthless idiot.", "I will kill you and your family", "The weather is mild.", "hi"]
+
+
+class _FittedSigmoidSVM:
+    """The package's own fitted model, applied without scikit-learn's per-call input validation.
+
+    ``predict_prob`` goes through ``CalibratedClassifierCV.predict_proba``, whose validation (array and
+    dataframe checks, for each of the five calibrated folds) costs ~80 ms per call whatever the batch
+    size: too much for the server's live counters. This computes the same thing from the fitted
+    parameters: the TF-IDF vector, each fold's linear SVM decision, its Platt sigmoid, averaged over the
+    folds. It is used only when the model has that shape and reproduces ``predict_prob`` on probe texts
+    at load (else ``predict_prob`` is used); a unit test checks equality on real openings.
+    """
+
+    def __init__(self, vectorizer: Any, folds: list[tuple[Any, float, float, float]]) -> None:
+        self.vectorizer, self.folds = vectorizer, folds
+
+    @classmethod
+    def of(cls, module: Any) -> _FittedSigmoidSVM | bool:
+        """The fast path for ``module`` (``profanity_check``), or False when its model is not as expected."""
+        import numpy as np
+
+        fitted = getattr(module, "profanity_check", module)  # the package's module holding the fitted objects
+        try:
+            model = fitted.model
+            folds = []
+            for fold in model.calibrated_classifiers_:
+                (calibrator,) = fold.calibrators
+                coef = np.asarray(fold.estimator.coef_).ravel()
+                folds.append((coef, float(fold.estimator.intercept_[0]), float(calibrator.a_), float(calibrator.b_)))
+            fast = cls(fitted.vectorizer, folds)
+            ok = model.method == "sigmoid" and len(model.classes_) == 2
+            ok = ok and bool(np.allclose(fast(_PROBES), module.predict_prob(_PROBES), rtol=0, atol=1e-9))
+        except (AttributeError, TypeError, ValueError):
+            return False
+        return fast if ok else False
+
+    def __call__(self, texts: list[str]) -> Any:
+        from scipy.special import expit
+
+        features = self.vectorizer.transform(texts)
+        total = 0.0
+        for coef, intercept, a, b in self.folds:
+            total = total + expit(-(a * (features @ coef + intercept) + b))
+        return total / len(self.folds)
 
 
 _DEFAULT: ProfanityCheckScorer | None = None

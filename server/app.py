@@ -19,6 +19,7 @@ from patches.registry import PatchRegistry
 from patches.rollback import VersionLedger
 from patches.signing import Verifier
 from patches.tenants import hash_api_key, load_tenants
+from patches.toxicity import default_scorer
 from patches.trust import Revocations, TrustStore
 from server.admin import AdminService
 from server.control import ControlPlane
@@ -33,6 +34,7 @@ from server.serving import CompletionService
 from server.settings import Settings
 from server.supervisor import Supervisor
 from server.tenancy import TenantResolver
+from server.toxicity_meter import ToxicityMeter
 from server.watcher import PatchWatcher
 
 log = logging.getLogger(__name__)
@@ -110,8 +112,12 @@ async def _start(app: FastAPI, engine_factory: EngineFactory) -> None:
             window=settings.overhead_window,
             max_tokens=settings.overhead_max_tokens,
         )
+        meter = None
+        if settings.toxicity_metrics:
+            meter = ToxicityMeter(app.state.metrics, default_scorer())
+            app.state.supervisor.run("toxicity", lambda: meter.run(app.state.stop))
         app.state.service = CompletionService(
-            engine, app.state.encoder, name, app.state.metrics, app.state.sampler, app.state.resolver
+            engine, app.state.encoder, name, app.state.metrics, app.state.sampler, app.state.resolver, meter
         )
         log.info("patchserve ready: model %s, %d patch versions loaded", name, len(app.state.registry.entries()))
     except Exception as exc:

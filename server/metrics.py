@@ -115,6 +115,28 @@ class Metrics:
         self.patch_refusals = Counter(
             "patchserve_patch_refusals", "Refusals served with this patch version in the stack.", pv, registry=r
         )
+        # server/toxicity_meter.py: completions scored by the offline toxicity classifier, off the request path
+        self.toxicity_scored = Counter(
+            "patchserve_toxicity_scored", "Completions scored by the toxicity classifier.", ts, registry=r
+        )
+        self.toxic_completions = Counter(
+            "patchserve_toxic_completions", "Completions the toxicity classifier scores >= 0.5.", ts, registry=r
+        )
+        self.patch_toxicity_scored = Counter(
+            "patchserve_patch_toxicity_scored",
+            "Scored completions with this patch version in the stack.",
+            pv,
+            registry=r,
+        )
+        self.patch_toxic_completions = Counter(
+            "patchserve_patch_toxic_completions",
+            "Toxic completions with this patch version in the stack.",
+            pv,
+            registry=r,
+        )
+        self.toxicity_dropped = Counter(
+            "patchserve_toxicity_dropped", "Completions not scored because the scoring queue was full.", registry=r
+        )
         phase = (*ts, "phase")
         self.overhead_samples = Counter("patchserve_overhead_samples", "Shadow replay pairs measured.", ts, registry=r)
         self.overhead_patched = Counter(

@@ -35,6 +35,7 @@ from server.responses import (
     new_id,
 )
 from server.tenancy import Caller, NotComposed, ResolvedStack, TenantResolver
+from server.toxicity_meter import ToxicityMeter
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ class CompletionService:
         metrics: Where latencies, tokens and refusals are counted (a private registry by default).
         sampler: Measures patch overhead on a sample of finished requests (off by default).
         resolver: Fixes each request's patch stack at admission (:meth:`admit`).
+        meter: Scores finished completions for toxicity in the background (off by default).
     """
 
     def __init__(
@@ -192,8 +194,10 @@ class CompletionService:
         metrics: Metrics | None = None,
         sampler: OverheadSampler | None = None,
         resolver: TenantResolver | None = None,
+        meter: ToxicityMeter | None = None,
     ) -> None:
         self.engine = engine
+        self.meter = meter
         self.encoder = encoder
         self.model_name = model_name
         self.metrics = metrics or Metrics()
@@ -336,7 +340,7 @@ class CompletionService:
         self, engine_request: EngineRequest, stack: ResolvedStack, totals: _Totals
     ) -> AsyncIterator[EngineChunk]:
         """The engine's chunks, accumulated into ``totals`` and measured; a completed generation's
-        choices are classified (refusal metrics) and offered to the overhead sampler."""
+        choices are classified (refusal metrics), offered to the toxicity meter and to the overhead sampler."""
         label = self.metrics.stack_label(stack.applied)
         tracker = RequestTracker.begin(self.metrics, stack.tenant, label, totals.prompt_tokens, totals.patch_tokens)
         async for chunk in self.engine.generate(engine_request):
@@ -344,7 +348,10 @@ class CompletionService:
             tracker.tokens(chunk.n_tokens, chunk.cached_tokens, chunk.timing)
             yield chunk
         tracker.finish()
-        self.metrics.classify(stack.tenant, label, stack.patches, (totals.text(i) for i in range(totals.n)))
+        texts = [totals.text(i) for i in range(totals.n)]
+        self.metrics.classify(stack.tenant, label, stack.patches, texts)
+        if self.meter is not None:
+            self.meter.offer(stack.tenant, label, stack.patches, texts)
         if self.sampler is not None:
             self.sampler.offer(engine_request, stack.tenant, label, totals.completion_tokens // max(totals.n, 1))
 

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     )
     overhead_window: int = Field(32, ge=1, description="Replay pairs the overhead gauge averages over.")
     overhead_max_tokens: int = Field(128, ge=1, description="Cap on output tokens per overhead replay.")
+    toxicity_metrics: bool = Field(
+        True, description="Score finished completions for toxicity in the background (toxic-completion counters)."
+    )
     metrics_max_stacks: int = Field(256, ge=1, description="Distinct stack label values before 'other'.")
     drain_timeout: int = Field(30, ge=0, description="Seconds SIGTERM waits for in-flight requests to finish.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

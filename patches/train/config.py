@@ -37,6 +37,10 @@ PROJECT_DATA = _REPO / "patches" / "data"  # prompts written for this project
 SHARED_DATA = _REPO.parent / "shared" / "data"  # the workplace's licensed prompt sets, when present
 
 
+TASK_DOMAINS = {"refusal": "harmful-requests", "detox": "toxicity", "fairness": "gender-bias"}
+"""What each task's patch guards against: the ``domain`` its files carry unless ``--domain`` says otherwise."""
+
+
 def default_prompt_files(kind: str) -> list[Path]:
     """The default training files of a class (``harmful`` or ``benign``): shared sets plus project-written ones."""
     shared = {"harmful": SHARED_DATA / "harmful_train.jsonl", "benign": SHARED_DATA / "benign_train.txt"}[kind]
@@ -97,6 +101,9 @@ class TrainConfig:
     )
     key: Path | None = field(default=None, metadata={"help": "Ed25519 private key to sign the patch with"})
     description: str = field(default="", metadata={"help": "Patch description"})
+    domain: str = field(
+        default="", metadata={"help": "Patch domain, what it guards against (default: the task's, TASK_DOMAINS)"}
+    )
     # --task detox (patches/train/detox.py): continuation prompts, sampled teacher; checked by detox_checks()
     task: str = field(default="refusal", metadata={"help": "'refusal' (harmful/benign prompts), 'detox' or 'fairness'"})
     continuations: list[Path] = field(
@@ -128,6 +135,11 @@ class TrainConfig:
         for ok, name, value in checks:
             if not ok:
                 raise ValueError(f"invalid training config: {name}={value!r}")
+
+    @property
+    def patch_domain(self) -> str:
+        """The ``domain`` the trained file carries: ``domain`` when set, else the task's."""
+        return self.domain or TASK_DOMAINS[self.task]
 
     def __post_init__(self) -> None:
         self.init = InitMode(self.init)

@@ -254,7 +254,7 @@ def _write_patch(config: TrainConfig, rows: torch.Tensor, fingerprint: str, desc
         name=config.name,
         version=config.version,
         base_model=fingerprint,
-        domain="safety",
+        domain=config.patch_domain,
         description=config.description or description,
         placement=config.placement,
     )

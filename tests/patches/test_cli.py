@@ -369,6 +369,31 @@ class TestTenantDiff:
             assert hash_api_key(key) not in result.output
             assert hash_api_key(key).removeprefix("sha256:")[:16] not in result.output
 
+    def test_patches_dir_names_what_each_stack_change_guards_against(self, tmp_path, invoke, make_patch):
+        (tmp_path / "p").mkdir()
+        make_patch("p/refusal-2.safetensors", version=2, domain="harmful-requests")
+        make_patch("p/refusal-3.safetensors", version=3, domain="harmful-requests")
+        make_patch("p/detox-1.safetensors", name="detox", version=1, domain="toxicity")
+        (tmp_path / "p" / "junk.safetensors").write_bytes(b"not a patch")  # skipped, not an error
+        family = {"id": "family", "default_stack": ["refusal", "detox"], "allowed_patches": ["refusal", "detox"]}
+        new = {
+            **self.ACME,
+            "default_stack": ["refusal@3", "detox", "pii"],
+            "allowed_patches": ["refusal", "detox", "pii"],
+        }
+        a = tenant_file(tmp_path / "old.yaml", self.ACME)
+        b = tenant_file(tmp_path / "new.yaml", new, family)
+        lines = invoke("diff", a, b, "--patches", tmp_path / "p", code=1).stdout.splitlines()[2:]
+        assert lines[:2] == [
+            "tenant acme: default stack refusal@2 → refusal@3,detox,pii",
+            "tenant acme: default stack adds toxicity (detox@1); adds unknown (pii (not in the patch directory)); "
+            "changes harmful-requests (refusal@2 → refusal@3)",
+        ]
+        assert lines[-1] == "tenant family: default stack adds harmful-requests (refusal@3); adds toxicity (detox@1)"
+        without = invoke("diff", a, b, code=1).stdout
+        assert "adds toxicity" not in without  # names only, without a patch directory
+        assert "not a directory" in invoke("diff", a, b, "--patches", tmp_path / "nope", code=2).stderr
+
     def test_invalid_tenant_file_exits_2(self, tmp_path, invoke):
         a = tenant_file(tmp_path / "a.yaml", self.ACME)
         b = tmp_path / "b.yaml"

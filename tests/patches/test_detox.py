@@ -48,6 +48,16 @@ def test_classifier_scores_offline_in_unit_range() -> None:
     assert toxicity.score([]) == []
 
 
+def test_fast_path_equals_the_packages_own_predict_prob() -> None:
+    import profanity_check
+
+    texts = [line for path in continuations.default_files() for line in path.read_text().splitlines() if line][:400]
+    texts += ["You are a worthless stupid idiot.", "", "Nice day!"]
+    scorer = toxicity.ProfanityCheckScorer()
+    assert scorer.score(texts) == pytest.approx(list(profanity_check.predict_prob(texts)), abs=1e-9)
+    assert scorer._fast  # the fast path is the one in use (a model of another shape would use predict_prob)
+
+
 def test_missing_classifier_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(name: str) -> Any:
         raise ImportError(name)
@@ -209,7 +219,7 @@ def test_tiny_real_detox_run_writes_a_signed_servable_patch(model_dir: Path, tmp
     result = train_detox(config, scorer=scorer)
     patch = parse_patch(result.patch.read_bytes(), expect=model_spec(model_dir))
     assert (patch.ref, patch.n_tokens, patch.placement) == ("detox@2", 3, "suffix")
-    assert "detox" in patch.meta.description and patch.meta.signer
+    assert "detox" in patch.meta.description and patch.meta.signer and patch.meta.domain == "toxicity"
     assert result.n_train["openings"] == 3 and result.n_train["sft"] >= 1
     assert result.sft_losses and all(math.isfinite(x) for x in result.sft_losses + result.dpo_losses)
     assert (tmp_path / "work" / "detox-choices.jsonl").is_file() and result.heldout.read_text() == ""

@@ -354,6 +354,7 @@ def test_tiny_real_fairness_run_writes_a_signed_servable_patch(
     result = fairness.train_fairness(config)
     patch = parse_patch(result.patch.read_bytes(), expect=model_spec(model_dir))
     assert (patch.ref, patch.n_tokens) == ("fairness@2", 3) and "fairness" in patch.meta.description
+    assert patch.meta.domain == "gender-bias"
     assert result.n_train == {"prompts": 4, "sft": 4, "dpo_pairs": 4, "benign": 2}
     assert result.sft_losses and all(math.isfinite(x) for x in result.sft_losses + result.dpo_losses)
     held = biasprompts.read_jsonl([result.heldout])

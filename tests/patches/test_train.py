@@ -178,6 +178,7 @@ def test_tiny_real_training_run_writes_a_signed_servable_patch(
     result = train(config)
     patch = parse_patch(result.patch.read_bytes(), expect=model_spec(model_dir))
     assert (patch.ref, patch.n_tokens, patch.placement) == ("tiny@3", 4, placement)
+    assert patch.meta.domain == "harmful-requests"  # the task's, as `patchserve diff --patches` names it
     assert patch.meta.signer == key_id(load_private_key(private).public_key())
     assert result.sft_losses and result.dpo_losses and all(math.isfinite(x) for x in result.dpo_losses)
     assert result.n_train == {"harmful": 3, "benign": 3}
@@ -202,5 +203,10 @@ def test_init_from_continues_an_existing_patch(model_dir: Path, tmp_path: Path) 
     config = TrainConfig(n_tokens=4, init_from=start, sft_lr=0.0, dpo_epochs=0, work_dir=tmp_path / "w0", **common)
     written = parse_patch(train(config).patch.read_bytes(), expect=model_spec(model_dir))
     assert torch.equal(written.rows, rows) and "continued from tiny@1" in written.meta.description
+    assert written.meta.domain == "harmful-requests"
+    config = TrainConfig(
+        n_tokens=4, init_from=start, sft_lr=0.0, dpo_epochs=0, domain="pii", work_dir=tmp_path / "w1", **common
+    )
+    assert parse_patch(train(config).patch.read_bytes(), expect=model_spec(model_dir)).meta.domain == "pii"
     with pytest.raises(ValueError, match="4 rows"):
         train(TrainConfig(n_tokens=5, init_from=start, dpo_epochs=0, work_dir=tmp_path / "w1", **common))
