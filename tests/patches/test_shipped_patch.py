@@ -35,4 +35,6 @@ def test_demo_tenants_use_it() -> None:
     assert [str(r) for r in tenants["demo-patched"].default_refs] == ["refusal"]
     assert tenants["demo-base"].default_refs == [] and tenants["demo-base"].allow_unpatched
     assert [str(r) for r in tenants["demo-fair"].default_refs] == ["fairness"]
+    assert [str(r) for r in tenants["demo-family"].default_refs] == ["refusal", "fairness"]  # a real stack
+    assert not tenants["demo-family"].allow_unpatched
     assert set(tenants["demo-base"].allowed_patches) == {"refusal", "fairness"}
