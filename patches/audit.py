@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 
 from patches.errors import PatchRejected
-from patches.format import MAX_FILE_BYTES, REQUIRED_FIELDS, SIGNATURE_FIELD, PatchMetadata, content_digest, read_patch
+from patches.format import (
+    REQUIRED_FIELDS,
+    SIGNATURE_FIELD,
+    PatchMetadata,
+    content_digest,
+    read_patch,
+    read_regular_file,
+)
 from patches.stack import PatchRef
 from patches.tenants import Tenant, TenantConfig
 
@@ -219,9 +226,9 @@ Catalog = dict[str, list[PatchMetadata]]
 
 
 def patch_catalog(directory: Path) -> Catalog:
-    """The metadata of every well-formed patch file in ``directory`` (``*.safetensors``, regular files of at
-    most ``MAX_FILE_BYTES``); others are skipped. Signatures are not verified: this names what files say
-    they are, for reading a tenant diff, not what a server would serve.
+    """The metadata of every well-formed patch file in ``directory`` (``*.safetensors``, read as the registry
+    reads them: :func:`patches.format.read_regular_file`); others are skipped. Signatures are not verified:
+    this names what files say they are, for reading a tenant diff, not what a server would serve.
 
     Args:
         directory: A patch directory, such as ``deploy/demo/patches``.
@@ -231,11 +238,9 @@ def patch_catalog(directory: Path) -> Catalog:
     """
     catalog: Catalog = {}
     for path in sorted(directory.glob("*.safetensors")):
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
-            continue
         try:
-            meta = read_patch(path.read_bytes())[0]
-        except PatchRejected:
+            meta = read_patch(read_regular_file(path))[0]
+        except (PatchRejected, OSError):
             continue
         catalog.setdefault(meta.name, []).append(meta)
     return {name: sorted(metas, key=lambda m: m.version) for name, metas in catalog.items()}

@@ -48,7 +48,7 @@ class ProfanityCheckScorer:
 
     def __init__(self) -> None:
         self._model: Any = None
-        self._fast: _FittedSigmoidSVM | bool | None = None  # None: not tried yet; False: not applicable
+        self._fast: _FittedSigmoidSVM | None = None  # set with the model when its shape allows
         self._lock = threading.Lock()
 
     def _load(self) -> Any:
@@ -63,16 +63,14 @@ class ProfanityCheckScorer:
                         f"the toxicity classifier is missing: `.venv/bin/python -m pip install {PACKAGE}=={VERSION}` "
                         "(or `make install`)"
                     ) from exc
+                self._fast = _FittedSigmoidSVM.of(self._model)
             return self._model
 
     def score(self, texts: list[str]) -> list[float]:
         if not texts:
             return []
         module = self._load()
-        with self._lock:
-            if self._fast is None:
-                self._fast = _FittedSigmoidSVM.of(module)
-        probs = self._fast(list(texts)) if self._fast else module.predict_prob(list(texts))
+        probs = self._fast(list(texts)) if self._fast is not None else module.predict_prob(list(texts))
         return [min(1.0, max(0.0, float(p))) for p in probs]
 
 
@@ -94,8 +92,8 @@ class _FittedSigmoidSVM:
         self.vectorizer, self.folds = vectorizer, folds
 
     @classmethod
-    def of(cls, module: Any) -> _FittedSigmoidSVM | bool:
-        """The fast path for ``module`` (``profanity_check``), or False when its model is not as expected."""
+    def of(cls, module: Any) -> _FittedSigmoidSVM | None:
+        """The fast path for ``module`` (``profanity_check``), or None when its model is not as expected."""
         import numpy as np
 
         fitted = getattr(module, "profanity_check", module)  # the package's module holding the fitted objects
@@ -110,8 +108,8 @@ class _FittedSigmoidSVM:
             ok = model.method == "sigmoid" and len(model.classes_) == 2
             ok = ok and bool(np.allclose(fast(_PROBES), module.predict_prob(_PROBES), rtol=0, atol=1e-9))
         except (AttributeError, TypeError, ValueError):
-            return False
-        return fast if ok else False
+            return None
+        return fast if ok else None
 
     def __call__(self, texts: list[str]) -> Any:
         from scipy.special import expit

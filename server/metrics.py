@@ -69,6 +69,24 @@ class _PatchInfoCollector(Collector):
         yield GaugeMetricFamily("patchserve_patches_loaded", "Patch versions loaded.", value=len(patches))
 
 
+@dataclass(frozen=True)
+class _Tally:
+    """Completions seen and those a detector flags, per tenant/stack and per patch version: the four
+    counters behind one rate (refusals, toxic completions), moved together."""
+
+    seen: Counter
+    flagged: Counter
+    patch_seen: Counter
+    patch_flagged: Counter
+
+    def add(self, tenant: str, stack: str, versions: Iterable[tuple[str, str]], seen: int, flagged: int) -> None:
+        self.seen.labels(tenant, stack).inc(seen)
+        self.flagged.labels(tenant, stack).inc(flagged)
+        for name, version in versions:
+            self.patch_seen.labels(name, version).inc(seen)
+            self.patch_flagged.labels(name, version).inc(flagged)
+
+
 class Metrics:
     """All of patchserve's own metric families, in one registry of their own.
 
@@ -136,6 +154,10 @@ class Metrics:
         )
         self.toxicity_dropped = Counter(
             "patchserve_toxicity_dropped", "Completions not scored because the scoring queue was full.", registry=r
+        )
+        self._refusal_tally = _Tally(self.completions, self.refusals, self.patch_completions, self.patch_refusals)
+        self._toxicity_tally = _Tally(
+            self.toxicity_scored, self.toxic_completions, self.patch_toxicity_scored, self.patch_toxic_completions
         )
         phase = (*ts, "phase")
         self.overhead_samples = Counter("patchserve_overhead_samples", "Shadow replay pairs measured.", ts, registry=r)
@@ -205,12 +227,15 @@ class Metrics:
     def classify(self, tenant: str, stack: str, patches: Iterable[Patch], texts: Iterable[str]) -> None:
         """Count completions and refusals (by the shared detector) per tenant/stack and per patch version."""
         texts = list(texts)
-        refused = sum(is_refusal(t) for t in texts)
-        self.completions.labels(tenant, stack).inc(len(texts))
-        self.refusals.labels(tenant, stack).inc(refused)
-        for p in patches:
-            self.patch_completions.labels(p.name, str(p.version)).inc(len(texts))
-            self.patch_refusals.labels(p.name, str(p.version)).inc(refused)
+        versions = [(p.name, str(p.version)) for p in patches]
+        self._refusal_tally.add(tenant, stack, versions, len(texts), sum(is_refusal(t) for t in texts))
+
+    def count_toxicity(
+        self, tenant: str, stack: str, versions: Iterable[tuple[str, str]], scored: int, toxic: int
+    ) -> None:
+        """Count scored and toxic completions (``server/toxicity_meter.py``) per tenant/stack and per
+        patch version (``(name, version)`` pairs)."""
+        self._toxicity_tally.add(tenant, stack, versions, scored, toxic)
 
     def render(self, *others: CollectorRegistry) -> bytes:
         """The exposition text of this registry followed by ``others`` (vLLM's)."""

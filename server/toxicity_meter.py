@@ -6,23 +6,21 @@ bounded queue). One supervised background task (:meth:`ToxicityMeter.run`) takes
 in batches in a worker thread and counts it. When the queue is full, the offer is dropped and counted
 (``patchserve_toxicity_dropped_total``): a burst costs telemetry, never latency or memory.
 
-The classifier is :mod:`patches.toxicity`'s (``alt-profanity-check``, a bag-of-words linear model;
-roughly 10 ms per 1,000 texts here), so a text is toxic at a score of at least ``TOXIC`` (0.5), as in
-``patchserve eval --mode toxicity``. Its limits are that module's: it reads words, not meaning.
+The classifier is :mod:`patches.toxicity`'s (``alt-profanity-check``, a bag-of-words linear model
+applied from its fitted parameters: a few ms per call, see the README), so a text is toxic at a score
+of at least ``TOXIC`` (0.5), as in ``patchserve eval --mode toxicity``. Its limits are that module's:
+it reads words, not meaning.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from patches.format import Patch
 from patches.toxicity import TOXIC, Scorer
 from server.metrics import Metrics
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,7 @@ class ToxicityMeter:
             stopping.cancel()
 
     async def drain(self) -> None:
-        """Score everything queued now (tests, shutdown)."""
+        """Score everything queued now (for tests; :meth:`run` is the server's path)."""
         items = []
         while not self._queue.empty():
             items.append(self._queue.get_nowait())
@@ -98,8 +96,4 @@ class ToxicityMeter:
         for item in items:
             toxic = sum(s >= TOXIC for s in scores[at : at + len(item.texts)])
             at += len(item.texts)
-            self.metrics.toxicity_scored.labels(item.tenant, item.stack).inc(len(item.texts))
-            self.metrics.toxic_completions.labels(item.tenant, item.stack).inc(toxic)
-            for name, version in item.patches:
-                self.metrics.patch_toxicity_scored.labels(name, version).inc(len(item.texts))
-                self.metrics.patch_toxic_completions.labels(name, version).inc(toxic)
+            self.metrics.count_toxicity(item.tenant, item.stack, item.patches, len(item.texts), toxic)
