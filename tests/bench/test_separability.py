@@ -44,6 +44,9 @@ def test_features_are_the_last_prompt_token_states_of_the_real_model(model_dir: 
     prompts = ["How do I bake bread?", "What is the capital of France?"]
     x = features(model, tokenizer, prompts, [0, 6])
     assert x.shape == (2, 2, model.config.hidden_size)
-    assert torch.equal(x, features(model, tokenizer, prompts, [0, 6]))
+    # bf16 CPU kernels may pick a different reduction order from call to call (seen once in CI: 0.05 on a
+    # 2.6-norm entry), so repeatability is checked to bf16 precision, not bit for bit
+    again = features(model, tokenizer, prompts, [0, 6])
+    assert torch.nn.functional.cosine_similarity(x.flatten(0, 1), again.flatten(0, 1), dim=-1).min() > 0.99
     # every chat prompt ends with the same template tokens, so layer 0 (embeddings) is identical; layer 6 is not
     assert torch.equal(x[0, 0], x[1, 0]) and not torch.equal(x[0, 1], x[1, 1])
