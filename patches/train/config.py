@@ -32,6 +32,13 @@ class Reference(StrEnum):
     bare = "bare"
 
 
+class DpoPairs(StrEnum):
+    """Which training prompts DPO learns from (:mod:`patches.train.pairs`): all, or the stage-1 patch's mistakes."""
+
+    all = "all"
+    mined = "mined"
+
+
 _REPO = Path(__file__).resolve().parents[2]
 PROJECT_DATA = _REPO / "patches" / "data"  # prompts written for this project
 SHARED_DATA = _REPO.parent / "shared" / "data"  # the workplace's licensed prompt sets, when present
@@ -85,6 +92,13 @@ class TrainConfig:
     beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps closer to the reference"})
     reference: Reference = field(default=Reference.sft, metadata={"help": "DPO reference policy"})
     nll_weight: float = field(default=1.0, metadata={"help": "Weight of the chosen answers' NLL added to DPO (RPO)"})
+    dpo_pairs: DpoPairs = field(
+        default=DpoPairs.all,
+        metadata={"help": "Stage 2 pairs: 'all' training prompts, or 'mined' from the stage-1 patch's mistakes"},
+    )
+    dpo_anchors: float = field(
+        default=1.0, metadata={"help": "mined: pairs the stage-1 patch already gets right, kept per mined pair"}
+    )
     batch_size: int = field(default=8, metadata={"help": "Examples per optimiser step"})
     seed: int = field(default=0, metadata={"help": "Seed of data order, init and noise"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
@@ -144,6 +158,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.init = InitMode(self.init)
         self.reference = Reference(self.reference)
+        self.dpo_pairs = DpoPairs(self.dpo_pairs)
         self.placement = Placement(self.placement)
         self.benign_loss = BenignLoss(self.benign_loss)
         self.harmful = self.harmful or default_prompt_files("harmful")
@@ -154,6 +169,7 @@ class TrainConfig:
             (self.sft_epochs >= 0 and self.dpo_epochs >= 0, "epochs", (self.sft_epochs, self.dpo_epochs)),
             (self.sft_epochs + self.dpo_epochs > 0, "epochs", "both zero"),
             (self.beta > 0, "beta", self.beta),
+            (self.dpo_anchors >= 0, "dpo_anchors", self.dpo_anchors),
             (self.batch_size >= 1, "batch_size", self.batch_size),
             (self.benign_repeat >= 1, "benign_repeat", self.benign_repeat),
             (self.harmful_repeat >= 1, "harmful_repeat", self.harmful_repeat),

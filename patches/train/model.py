@@ -146,6 +146,28 @@ class PatchModel:
         logits = self.base.get_output_embeddings()(torch.stack(picked))
         return ResponseLogits(logits, torch.tensor(targets, device=device), torch.tensor(mask, device=device))
 
+    def generate(self, prompts: list[list[int]], rows: torch.Tensor | None, max_tokens: int) -> list[list[int]]:
+        """Greedy response token ids of each chat-templated prompt with ``rows`` laid out (``None``: no patch).
+
+        Left-padded like :func:`patches.train.teacher.generate_answers`, so with ``rows=None`` both agree.
+        """
+        layout = self.layout(rows)
+        heads = [inputs_embeds(layout, ids, self._embedding) for ids in prompts]
+        width = max(len(h) for h in heads)
+        embeds = torch.stack([F.pad(h, (0, 0, width - len(h), 0)) for h in heads])
+        mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads], device=embeds.device)
+        pad = self.base.generation_config.pad_token_id or 0
+        out = self.base.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad
+        )  # with inputs_embeds, HF returns only the new tokens
+        eos = self.base.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos])
+        answers = []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            answers.append(row[:cut])
+        return answers
+
     def sequence_logps(self, examples: list[Example], rows: torch.Tensor | None) -> torch.Tensor:
         """``[batch]`` summed log-probability of each example's response."""
         return self.response_logits(examples, rows).token_logps().sum(-1)

@@ -14,7 +14,6 @@ from rich.console import Console
 from patches.basemodel import prepare_default_model
 from patches.fingerprint import fingerprint_model, model_spec
 from patches.format import Patch, PatchMetadata, dump_patch, load_patch, write_atomic
-from patches.refusal import is_refusal
 from patches.signing import load_private_key, sign_patch
 from patches.toxicity import Scorer
 from patches.train.config import BenignLoss, Reference, TrainConfig
@@ -22,6 +21,7 @@ from patches.train.data import Prompt, load_split, write_heldout
 from patches.train.dpo import Pair, dpo_loss, with_reference
 from patches.train.loop import progress_bar, run_stage
 from patches.train.model import Example, PatchModel, initial_rows, kl_to_reference, load_base, make_example, nll
+from patches.train.pairs import refusal_pairs
 from patches.train.teacher import generate_answers, policy_refusal
 
 
@@ -114,6 +114,9 @@ def _dpo_stage(
     console: Console,
 ) -> list[float]:
     """Stage 2 for either task: reference log-probs (the SFT rows or the bare model), then DPO + NLL."""
+    if not pairs:  # e.g. mined pairs of a patch that gets every training prompt right
+        console.print("no DPO pairs: stage 2 skipped")
+        return []
     reference = rows.detach().clone() if config.reference == Reference.sft else None
     console.print(f"DPO on {len(pairs)} pairs; reference log-probs ({config.reference})…")
     pairs = with_reference(pairs, model, reference, bf16=config.bf16)
@@ -188,19 +191,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
 
     dpo_losses: list[float] = []
     if config.dpo_epochs > 0:
-        pairs = []
-        for p in prompts:
-            chosen, rejected = (
-                (targets[p.text], base_answers[p.text]) if p.harmful else (base_answers[p.text], policy_refusal(p.text))
-            )
-            if p.harmful and is_refusal(rejected):
-                continue  # the base model already refuses: no preference to learn
-            pairs.append(
-                Pair(
-                    make_example(tokenizer, p.text, chosen, config.response_tokens),
-                    make_example(tokenizer, p.text, rejected, config.response_tokens),
-                )
-            )
+        pairs = refusal_pairs(config, model, tokenizer, prompts, targets, base_answers, counts, console)
         dpo_losses = _dpo_stage(config, model, rows, pairs, work / "dpo.ckpt.safetensors", console)
 
     what = (

@@ -1,0 +1,146 @@
+"""Stage 2's preference pairs for the refusal task: from every training prompt, or mined from the stage-1
+patch's own mistakes.
+
+``all`` (the paper's recipe): a harmful prompt pairs the teacher's refusal (chosen) with the base
+model's compliant answer (rejected); a benign prompt pairs the base model's answer (chosen) with a
+written refusal (rejected). Most of those pairs are already won by the stage-1 patch, so their gradient is
+small and the few prompts it gets wrong weigh little.
+
+``mined`` (on-policy hard examples): the stage-1 patch answers every training prompt greedily, and the
+pairs are the ones it gets wrong, with *its own* answer as the rejected side — a benign prompt it refuses
+(chosen: the base answer), a harmful prompt it answers (chosen: the refusal). ``anchors`` correct pairs
+per mined pair, drawn at random from the ``all`` pairs of prompts it gets right (half harmful, half benign),
+keep the rest in place.
+The policy's answers are written to ``mined-answers.jsonl`` in the work directory for audit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from patches.chat import encode_chat
+from patches.device import autocast
+from patches.refusal import is_refusal
+from patches.train.config import DpoPairs, TrainConfig
+from patches.train.data import Prompt
+from patches.train.dpo import Pair
+from patches.train.loop import progress_bar
+from patches.train.model import PatchModel, make_example
+from patches.train.teacher import policy_refusal
+
+
+def fixed_pair(tokenizer: Any, prompt: Prompt, target: str, base_answer: str, tokens: int) -> Pair | None:
+    """The ``all`` pair of one prompt; ``None`` for a harmful prompt the base model already refuses."""
+    if prompt.harmful and is_refusal(base_answer):
+        return None  # no preference to learn
+    chosen, rejected = (target, base_answer) if prompt.harmful else (base_answer, policy_refusal(prompt.text))
+    return _pair(tokenizer, prompt.text, chosen, rejected, tokens)
+
+
+def _pair(tokenizer: Any, prompt: str, chosen: str, rejected: str, tokens: int) -> Pair:
+    return Pair(make_example(tokenizer, prompt, chosen, tokens), make_example(tokenizer, prompt, rejected, tokens))
+
+
+def policy_answers(
+    model: PatchModel,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    tokens: int,
+    *,
+    bf16: bool,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy answers of the model with its current rows to ``prompts`` (``tokens`` long at most)."""
+    answers: list[str] = []
+    with torch.no_grad(), autocast(model.rows.device, bf16):
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            ids = [encode_chat(tokenizer, [{"role": "user", "content": p.text}]) for p in chunk]
+            for row in model.generate(ids, model.rows, tokens):
+                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            if progress is not None:
+                progress(len(chunk))
+    return answers
+
+
+def mined_pairs(
+    tokenizer: Any,
+    prompts: list[Prompt],
+    answers: list[str],
+    targets: dict[str, str],
+    base_answers: dict[str, str],
+    tokens: int,
+    *,
+    anchors: float,
+    seed: int,
+) -> tuple[list[Pair], dict[str, int]]:
+    """Pairs from the prompts the policy got wrong (its ``answers``), plus ``anchors`` right ones per wrong one."""
+    wrong: list[Pair] = []
+    right: list[tuple[Pair, bool]] = []
+    counts = {"harmful_answered": 0, "benign_refused": 0}
+    for prompt, answer in zip(prompts, answers, strict=True):
+        refused = is_refusal(answer)
+        if prompt.harmful and not refused:
+            counts["harmful_answered"] += 1
+            chosen = targets[prompt.text]
+        elif not prompt.harmful and refused and not is_refusal(base_answers[prompt.text]):
+            counts["benign_refused"] += 1
+            chosen = base_answers[prompt.text]
+        else:
+            pair = fixed_pair(tokenizer, prompt, targets[prompt.text], base_answers[prompt.text], tokens)
+            if pair is not None:
+                right.append((pair, prompt.harmful))
+            continue
+        wrong.append(_pair(tokenizer, prompt.text, chosen, answer, tokens))
+    rng, want = random.Random(seed), round(anchors * len(wrong))
+    kept = []
+    for harmful in (True, False):  # half from each class, so the anchors hold both sides of the boundary
+        pool = [pair for pair, h in right if h == harmful]
+        kept += rng.sample(pool, min(len(pool), want // 2 if harmful else want - want // 2))
+    counts["anchors"] = len(kept)
+    return wrong + kept, counts
+
+
+def write_answers(path: Path, prompts: list[Prompt], answers: list[str]) -> None:
+    """The policy's answers, one JSON line per prompt, for audit."""
+    with path.open("w", encoding="utf-8") as out:
+        for prompt, answer in zip(prompts, answers, strict=True):
+            record = {"prompt": prompt.text, "harmful": prompt.harmful, "answer": answer, "refused": is_refusal(answer)}
+            out.write(json.dumps(record) + "\n")
+
+
+def refusal_pairs(
+    config: TrainConfig,
+    model: PatchModel,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    targets: dict[str, str],
+    base_answers: dict[str, str],
+    counts: dict[str, int],
+    console: Console,
+) -> list[Pair]:
+    """Stage 2's pairs (:mod:`patches.train.pairs`); ``counts`` gains what mining found."""
+    tokens = config.response_tokens
+    if config.dpo_pairs == DpoPairs.all:
+        found = (fixed_pair(tokenizer, p, targets[p.text], base_answers[p.text], tokens) for p in prompts)
+        return [pair for pair in found if pair is not None]
+    with progress_bar() as bar:
+        task = bar.add_task("mining", total=len(prompts), info="(the stage-1 patch answers every prompt)")
+        answers = policy_answers(
+            model, tokenizer, prompts, tokens, bf16=config.bf16, progress=lambda n: bar.advance(task, n)
+        )
+    write_answers(config.work_dir / "mined-answers.jsonl", prompts, answers)
+    pairs, mined = mined_pairs(
+        tokenizer, prompts, answers, targets, base_answers, tokens, anchors=config.dpo_anchors, seed=config.seed
+    )
+    counts.update(mined)
+    console.print(f"mined {mined}")
+    return pairs

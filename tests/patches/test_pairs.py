@@ -1,0 +1,115 @@
+"""Stage 2's pairs: generation with the patch laid out as in training, and pairs mined from its mistakes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from patches.chat import encode_chat
+from patches.refusal import is_refusal
+from patches.stack import Placement
+from patches.train.config import TrainConfig
+from patches.train.data import Prompt
+from patches.train.model import Example, PatchModel, make_example
+from patches.train.pairs import fixed_pair, mined_pairs
+from patches.train.teacher import policy_refusal
+
+
+@pytest.fixture(scope="module")
+def base(model_dir: Path):
+    from patches.train.model import load_base
+
+    return load_base(model_dir)
+
+
+def _ids(tokenizer, *texts: str) -> list[list[int]]:
+    return [encode_chat(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+
+
+def test_generate_without_rows_is_the_base_models_greedy_answer(base) -> None:
+    model, tokenizer = base
+    prompts = _ids(tokenizer, "Name a colour.", "Write one sentence about the history of the city of Rome.")
+    got = PatchModel(model, torch.nn.Parameter(torch.zeros(2, model.config.hidden_size)), Placement.suffix).generate(
+        prompts, None, 6
+    )
+    eos = model.generation_config.eos_token_id
+    for ids, answer in zip(prompts, got, strict=True):  # one at a time: no padding on the reference side
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids) :]
+        expected = out.tolist()
+        assert answer == (expected[: expected.index(eos)] if eos in expected else expected)
+
+
+@pytest.mark.parametrize("placement", [Placement.prefix, Placement.suffix])
+def test_generated_tokens_are_the_argmax_of_the_training_forward(base, placement: Placement) -> None:
+    """Generation lays the rows out as training does: teacher-forcing its own answer picks the same tokens."""
+    model, tokenizer = base
+    rows = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(4)) * 0.05
+    patched = PatchModel(model, torch.nn.Parameter(rows), placement)
+    prompts = _ids(tokenizer, "Say hi.", "Give me a word that rhymes with cat, please.")
+    with torch.no_grad():
+        answers = patched.generate(prompts, rows, 5)
+        bare = patched.generate(prompts, None, 5)
+        for ids, answer in zip(prompts, answers, strict=True):
+            logits = patched.response_logits([Example(ids, answer)], rows).logits[0]
+            picked = logits.gather(1, torch.tensor(answer)[:, None]).squeeze(1)
+            assert torch.all(picked >= logits.max(-1).values - 1e-3)  # the argmax, up to KV-cache rounding
+    assert answers != bare  # the rows are really there
+
+
+def test_mined_pairs_are_the_policys_mistakes_with_its_own_answer_rejected(base) -> None:
+    _, tokenizer = base
+    refusal = "I can't help with that."
+    prompts = [
+        Prompt("harmful answered", True), Prompt("harmful refused", True), Prompt("harmful refused 2", True),
+        Prompt("benign refused", False), Prompt("benign answered", False), Prompt("benign answered 2", False),
+        Prompt("benign the base refuses too", False),
+    ]  # fmt: skip
+    answers = ["Sure, step one", refusal, refusal, refusal, "Paris.", "Blue.", refusal]
+    targets = {p.text: policy_refusal(p.text) if p.harmful else "base" for p in prompts}
+    base_answers = {p.text: "Sure, here is how" for p in prompts} | {"benign the base refuses too": refusal}
+    pairs, counts = mined_pairs(tokenizer, prompts, answers, targets, base_answers, 16, anchors=1.0, seed=0)
+    assert counts == {"harmful_answered": 1, "benign_refused": 1, "anchors": 2}
+    example = lambda text, answer: make_example(tokenizer, text, answer, 16)  # noqa: E731
+    assert pairs[0].chosen == example("harmful answered", targets["harmful answered"])
+    assert pairs[0].rejected == example("harmful answered", "Sure, step one")
+    assert pairs[1].chosen == example("benign refused", "Sure, here is how")
+    assert pairs[1].rejected == example("benign refused", refusal)
+    harmful_anchor, benign_anchor = pairs[2:]  # one right prompt of each class, each with its fixed pair
+    right = {"harmful refused": True, "harmful refused 2": True, "benign answered": False, "benign answered 2": False}
+    chosen = {t: fixed_pair(tokenizer, Prompt(t, h), targets[t], base_answers[t], 16) for t, h in right.items()}
+    assert harmful_anchor in [chosen["harmful refused"], chosen["harmful refused 2"]]
+    assert benign_anchor in [chosen["benign answered"], chosen["benign answered 2"]]
+    _, none = mined_pairs(tokenizer, prompts, answers, targets, base_answers, 16, anchors=0.0, seed=0)
+    assert none["anchors"] == 0
+
+
+def test_config_rejects_negative_anchors_and_unknown_pair_modes() -> None:
+    with pytest.raises(ValueError, match="dpo_anchors"):
+        TrainConfig(dpo_anchors=-1.0)
+    with pytest.raises(ValueError):
+        TrainConfig(dpo_pairs="some")
+
+
+def test_tiny_mined_run_writes_the_policys_answers_for_audit(model_dir: Path, tmp_path: Path) -> None:
+    from patches.train.run import train
+
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("Explain how to build a bomb.\nHow do I steal a car?\n")
+    benign = tmp_path / "benign.txt"
+    benign.write_text("Write a haiku about rain.\nHow do I boil an egg?\n")
+    config = TrainConfig(
+        harmful=[harmful], benign=[benign], holdout=0.0, n_tokens=4, response_tokens=6, sft_epochs=1,
+        dpo_epochs=1, batch_size=2, work_dir=tmp_path / "work", dpo_pairs="mined", placement="suffix",
+    )  # fmt: skip
+    result = train(config)
+    records = [json.loads(line) for line in (tmp_path / "work" / "mined-answers.jsonl").read_text().splitlines()]
+    texts = harmful.read_text().splitlines() + benign.read_text().splitlines()
+    assert sorted(r["prompt"] for r in records) == sorted(texts)
+    mistakes = sum(r["refused"] != r["harmful"] for r in records)
+    assert result.n_train["harmful_answered"] + result.n_train["benign_refused"] <= mistakes
+    assert all(r["refused"] == is_refusal(r["answer"]) for r in records)
+    assert bool(result.dpo_losses) == (result.n_train["harmful_answered"] + result.n_train["benign_refused"] > 0)
