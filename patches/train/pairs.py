@@ -16,6 +16,7 @@ The policy's answers are written to ``mined-answers.jsonl`` in the work director
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -35,17 +36,27 @@ from patches.train.loop import progress_bar
 from patches.train.model import PatchModel, make_example
 from patches.train.teacher import policy_refusal
 
+WHOLE_REFUSAL_TOKENS = 64
+"""Room for a whole written refusal (21–41 tokens) and its end of turn, whatever ``--response-tokens`` is."""
 
-def fixed_pair(tokenizer: Any, prompt: Prompt, target: str, base_answer: str, tokens: int) -> Pair | None:
-    """The ``all`` pair of one prompt; ``None`` for a harmful prompt the base model already refuses."""
+
+def fixed_pair(
+    tokenizer: Any, prompt: Prompt, target: str, base_answer: str, tokens: int, refusal_tokens: int | None = None
+) -> Pair | None:
+    """The ``all`` pair of one prompt; ``None`` for a harmful prompt the base model already refuses.
+
+    ``refusal_tokens`` (default ``tokens``) caps a harmful prompt's chosen refusal separately.
+    """
     if prompt.harmful and is_refusal(base_answer):
         return None  # no preference to learn
-    chosen, rejected = (target, base_answer) if prompt.harmful else (base_answer, policy_refusal(prompt.text))
-    return _pair(tokenizer, prompt.text, chosen, rejected, tokens)
+    if prompt.harmful:
+        return _pair(tokenizer, prompt.text, target, base_answer, refusal_tokens or tokens, tokens)
+    return _pair(tokenizer, prompt.text, base_answer, policy_refusal(prompt.text), tokens, tokens)
 
 
-def _pair(tokenizer: Any, prompt: str, chosen: str, rejected: str, tokens: int) -> Pair:
-    return Pair(make_example(tokenizer, prompt, chosen, tokens), make_example(tokenizer, prompt, rejected, tokens))
+def _pair(tokenizer: Any, prompt: str, chosen: str, rejected: str, chosen_tokens: int, rejected_tokens: int) -> Pair:
+    chosen_example = make_example(tokenizer, prompt, chosen, chosen_tokens)
+    return Pair(chosen_example, make_example(tokenizer, prompt, rejected, rejected_tokens))
 
 
 def policy_answers(
@@ -81,8 +92,15 @@ def mined_pairs(
     *,
     anchors: float,
     seed: int,
+    refusal_tokens: int | None = None,
 ) -> tuple[list[Pair], dict[str, int]]:
-    """Pairs from the prompts the policy got wrong (its ``answers``), plus ``anchors`` right ones per wrong one."""
+    """Pairs from the prompts the policy got wrong (its ``answers``), plus ``anchors`` right ones per wrong one.
+
+    ``refusal_tokens`` (default ``tokens``) caps the chosen refusals separately: with written refusals
+    they are kept whole, end of turn included, so the patch learns to stop after refusing instead of
+    refusing and then answering anyway.
+    """
+    limits = {True: refusal_tokens or tokens, False: tokens}
     wrong: list[Pair] = []
     right: list[tuple[Pair, bool]] = []
     counts = {"harmful_answered": 0, "benign_refused": 0}
@@ -95,11 +113,12 @@ def mined_pairs(
             counts["benign_refused"] += 1
             chosen = base_answers[prompt.text]
         else:
-            pair = fixed_pair(tokenizer, prompt, targets[prompt.text], base_answers[prompt.text], tokens)
+            target, base_answer = targets[prompt.text], base_answers[prompt.text]
+            pair = fixed_pair(tokenizer, prompt, target, base_answer, tokens, refusal_tokens)
             if pair is not None:
                 right.append((pair, prompt.harmful))
             continue
-        wrong.append(_pair(tokenizer, prompt.text, chosen, answer, tokens))
+        wrong.append(_pair(tokenizer, prompt.text, chosen, answer, limits[prompt.harmful], tokens))
     rng, want = random.Random(seed), round(anchors * len(wrong))
     kept = []
     for harmful in (True, False):  # half from each class, so the anchors hold both sides of the boundary
@@ -109,12 +128,29 @@ def mined_pairs(
     return wrong + kept, counts
 
 
-def write_answers(path: Path, prompts: list[Prompt], answers: list[str]) -> None:
-    """The policy's answers, one JSON line per prompt, for audit."""
+def write_answers(path: Path, prompts: list[Prompt], answers: list[str], rows_digest: str) -> None:
+    """The policy's answers, one JSON line per prompt, for audit (and reuse by a re-run from the same rows)."""
     with path.open("w", encoding="utf-8") as out:
         for prompt, answer in zip(prompts, answers, strict=True):
-            record = {"prompt": prompt.text, "harmful": prompt.harmful, "answer": answer, "refused": is_refusal(answer)}
-            out.write(json.dumps(record) + "\n")
+            refused = is_refusal(answer)
+            record = {"prompt": prompt.text, "harmful": prompt.harmful, "answer": answer, "refused": refused}
+            out.write(json.dumps(record | {"rows": rows_digest}) + "\n")
+
+
+def _known_answers(path: Path, prompts: list[Prompt], rows_digest: str) -> list[str] | None:
+    """The answers ``path`` holds for exactly these prompts from exactly these rows, else ``None``."""
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    same_prompts = [r["prompt"] for r in records] == [p.text for p in prompts]
+    if not same_prompts or any(r.get("rows") != rows_digest for r in records):
+        return None
+    return [r["answer"] for r in records]
+
+
+def _rows_digest(rows: torch.Tensor, tokens: int, bf16: bool) -> str:
+    data = rows.detach().float().cpu().numpy().tobytes() + f"{tokens}:{bf16}".encode()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def refusal_pairs(
@@ -132,15 +168,20 @@ def refusal_pairs(
     if config.dpo_pairs == DpoPairs.all:
         found = (fixed_pair(tokenizer, p, targets[p.text], base_answers[p.text], tokens) for p in prompts)
         return [pair for pair in found if pair is not None]
-    with progress_bar() as bar:
-        task = bar.add_task("mining", total=len(prompts), info="(the stage-1 patch answers every prompt)")
-        answers = policy_answers(
-            model, tokenizer, prompts, tokens, bf16=config.bf16, progress=lambda n: bar.advance(task, n)
-        )
-    write_answers(config.work_dir / "mined-answers.jsonl", prompts, answers)
+    audit, digest = config.work_dir / "mined-answers.jsonl", _rows_digest(model.rows, tokens, config.bf16)
+    answers = _known_answers(audit, prompts, digest)  # a resumed run mines the same rows again: skip it
+    if answers is None:
+        with progress_bar() as bar:
+            task = bar.add_task("mining", total=len(prompts), info="(the stage-1 patch answers every prompt)")
+            answers = policy_answers(
+                model, tokenizer, prompts, tokens, bf16=config.bf16, progress=lambda n: bar.advance(task, n)
+            )
+        write_answers(audit, prompts, answers, digest)
+    whole = WHOLE_REFUSAL_TOKENS if config.teacher == "policy" else None  # a teacher's answers were cut
     pairs, mined = mined_pairs(
-        tokenizer, prompts, answers, targets, base_answers, tokens, anchors=config.dpo_anchors, seed=config.seed
-    )
+        tokenizer, prompts, answers, targets, base_answers, tokens, anchors=config.dpo_anchors, seed=config.seed,
+        refusal_tokens=whole,
+    )  # fmt: skip
     counts.update(mined)
     console.print(f"mined {mined}")
     return pairs

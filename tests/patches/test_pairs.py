@@ -14,7 +14,14 @@ from patches.stack import Placement
 from patches.train.config import TrainConfig
 from patches.train.data import Prompt
 from patches.train.model import Example, PatchModel, make_example
-from patches.train.pairs import fixed_pair, mined_pairs
+from patches.train.pairs import (
+    WHOLE_REFUSAL_TOKENS,
+    _known_answers,
+    _rows_digest,
+    fixed_pair,
+    mined_pairs,
+    write_answers,
+)
 from patches.train.teacher import policy_refusal
 
 
@@ -113,3 +120,35 @@ def test_tiny_mined_run_writes_the_policys_answers_for_audit(model_dir: Path, tm
     assert result.n_train["harmful_answered"] + result.n_train["benign_refused"] <= mistakes
     assert all(r["refused"] == is_refusal(r["answer"]) for r in records)
     assert bool(result.dpo_losses) == (result.n_train["harmful_answered"] + result.n_train["benign_refused"] > 0)
+
+
+def test_whole_refusals_end_their_turn_while_other_answers_stay_cut(base) -> None:
+    _, tokenizer = base
+    prompts = [Prompt("harmful answered", True), Prompt("benign refused", False)]
+    targets = {"harmful answered": policy_refusal("harmful answered"), "benign refused": "unused"}
+    base_answers = {"harmful answered": "Sure", "benign refused": "Here is a long answer " * 10}
+    answers = ["Sure, step one is " * 5, "I can't help with that."]
+    pairs, _ = mined_pairs(
+        tokenizer, prompts, answers, targets, base_answers, 8, anchors=0.0, seed=0, refusal_tokens=WHOLE_REFUSAL_TOKENS
+    )
+    refusal = pairs[0].chosen.response_ids
+    assert refusal[-1] == tokenizer.eos_token_id and len(refusal) > 8  # whole, with its end of turn
+    assert tokenizer.decode(refusal[:-1]) == tokenizer.decode(tokenizer.encode(targets["harmful answered"]))
+    assert len(pairs[0].rejected.response_ids) == 8 and len(pairs[1].chosen.response_ids) == 8  # cut, no end
+    cut, _ = mined_pairs(tokenizer, prompts, answers, targets, base_answers, 8, anchors=0.0, seed=0)
+    assert len(cut[0].chosen.response_ids) == 8
+
+
+def test_mined_answers_are_reused_only_for_the_same_prompts_and_rows(tmp_path: Path) -> None:
+    path = tmp_path / "mined-answers.jsonl"
+    prompts = [Prompt("a", True), Prompt("b", False)]
+    write_answers(path, prompts, ["I can't help with that.", "Sure."], "digest-1")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["refused"] for r in records] == [True, False]
+    assert _known_answers(path, prompts, "digest-1") == ["I can't help with that.", "Sure."]
+    assert _known_answers(path, prompts, "digest-2") is None
+    assert _known_answers(path, prompts[:1], "digest-1") is None
+    assert _known_answers(tmp_path / "missing.jsonl", prompts, "digest-1") is None
+    rows = torch.ones(2, 3)
+    assert _rows_digest(rows, 16, True) == _rows_digest(rows.clone(), 16, True)
+    assert len({_rows_digest(rows, 16, True), _rows_digest(rows * 2, 16, True), _rows_digest(rows, 8, True)}) == 3
