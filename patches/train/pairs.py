@@ -103,7 +103,6 @@ def mined_pairs(
     they are kept whole, end of turn included, so the patch learns to stop after refusing instead of
     refusing and then answering anyway.
     """
-    limits = {True: refusal_tokens or tokens, False: tokens}
     wrong: list[Pair] = []
     right: list[tuple[Pair, bool]] = []
     counts = {"harmful_answered": 0, "benign_refused": 0}
@@ -111,17 +110,17 @@ def mined_pairs(
         refused = is_refusal(answer)
         if prompt.harmful and not refused:
             counts["harmful_answered"] += 1
-            chosen = targets[prompt.text]
+            chosen, chosen_tokens = targets[prompt.text], refusal_tokens or tokens
         elif not prompt.harmful and refused and not is_refusal(base_answers[prompt.text]):
             counts["benign_refused"] += 1
-            chosen = base_answers[prompt.text]
+            chosen, chosen_tokens = base_answers[prompt.text], tokens
         else:
             target, base_answer = targets[prompt.text], base_answers[prompt.text]
             pair = fixed_pair(tokenizer, prompt, target, base_answer, tokens, refusal_tokens)
             if pair is not None:
                 right.append((pair, prompt.harmful))
             continue
-        wrong.append(_pair(tokenizer, prompt.text, chosen, answer, limits[prompt.harmful], tokens))
+        wrong.append(_pair(tokenizer, prompt.text, chosen, answer, chosen_tokens, tokens))
     rng, want = random.Random(seed), round(anchors * len(wrong))
     kept = []
     for harmful in (True, False):  # half from each class, so the anchors hold both sides of the boundary
