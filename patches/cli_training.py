@@ -56,6 +56,9 @@ def train(
     dpo_anchors: Annotated[float, typer.Option(help="mined: correct pairs kept per mined pair")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Examples per step")] = 8,
     response_tokens: Annotated[int, typer.Option(help="Teacher responses cut to this many tokens")] = 40,
+    refusal_tokens: Annotated[
+        int, typer.Option(help="Harmful prompts' target refusals cut to this many tokens (0: --response-tokens)")
+    ] = 0,
     holdout: Annotated[float, typer.Option(help="Held-out share of prompts")] = 0.2,
     max_prompts: Annotated[int | None, typer.Option(help="Cap per class (quick runs)")] = None,
     seed: Annotated[int, typer.Option(help="Seed")] = 0,
@@ -94,7 +97,8 @@ def train(
             dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, nll_weight=nll_weight,
             dpo_pairs=dpo_pairs, dpo_anchors=dpo_anchors,
             batch_size=batch_size,
-            response_tokens=response_tokens, holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,
+            response_tokens=response_tokens, refusal_tokens=refusal_tokens,
+            holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,
             out=out, key=key, bf16=bf16, threads=threads, device=device, domain=domain,
         )  # fmt: skip
     except ValueError as exc:  # a bad value, or --device cuda without CUDA

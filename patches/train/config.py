@@ -83,6 +83,13 @@ class TrainConfig:
     holdout: float = field(default=0.2, metadata={"help": "Share of prompts kept out of training (by hash)"})
     max_prompts: int | None = field(default=None, metadata={"help": "Cap per class after the split (quick runs)"})
     response_tokens: int = field(default=40, metadata={"help": "Teacher responses are cut to this many tokens"})
+    refusal_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Harmful prompts' target refusals are cut to this many tokens in SFT and DPO (0: as "
+            "--response-tokens); 64 keeps a written refusal whole, end of turn included, so the patch learns to stop"
+        },
+    )
     benign_repeat: int = field(default=2, metadata={"help": "Times each benign example appears per SFT epoch"})
     harmful_repeat: int = field(default=1, metadata={"help": "Times each harmful example appears per SFT epoch"})
     sft_epochs: float = field(default=1.0, metadata={"help": "Stage 1 epochs"})
@@ -151,6 +158,11 @@ class TrainConfig:
                 raise ValueError(f"invalid training config: {name}={value!r}")
 
     @property
+    def refusal_cap(self) -> int:
+        """Tokens a harmful prompt's target refusal is cut to: ``refusal_tokens``, else ``response_tokens``."""
+        return self.refusal_tokens or self.response_tokens
+
+    @property
     def patch_domain(self) -> str:
         """The ``domain`` the trained file carries: ``domain`` when set, else the task's."""
         return self.domain or TASK_DOMAINS[self.task]
@@ -174,6 +186,7 @@ class TrainConfig:
             (self.benign_repeat >= 1, "benign_repeat", self.benign_repeat),
             (self.harmful_repeat >= 1, "harmful_repeat", self.harmful_repeat),
             (self.response_tokens >= 4, "response_tokens", self.response_tokens),
+            (self.refusal_tokens == 0 or self.refusal_tokens >= 4, "refusal_tokens", self.refusal_tokens),
             (self.init != InitMode.text or self.init_text != "", "init_text", "empty with init=text"),
             (bool(self.harmful) and bool(self.benign), "prompt files", "none found for a class"),
         ]

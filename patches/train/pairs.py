@@ -39,9 +39,6 @@ from patches.train.loop import progress_bar
 from patches.train.model import PatchModel, make_example
 from patches.train.teacher import policy_refusal
 
-WHOLE_REFUSAL_TOKENS = 64
-"""Room for a whole written refusal (21–41 tokens) and its end of turn, whatever ``--response-tokens`` is."""
-
 
 def fixed_pair(
     tokenizer: Any, prompt: Prompt, target: str, base_answer: str, tokens: int, refusal_tokens: int | None = None
@@ -168,7 +165,9 @@ def refusal_pairs(
     """Stage 2's pairs (:mod:`patches.train.pairs`); ``counts`` gains what mining found."""
     tokens = config.response_tokens
     if config.dpo_pairs == DpoPairs.all:
-        found = (fixed_pair(tokenizer, p, targets[p.text], base_answers[p.text], tokens) for p in prompts)
+        found = (
+            fixed_pair(tokenizer, p, targets[p.text], base_answers[p.text], tokens, config.refusal_cap) for p in prompts
+        )
         return [pair for pair in found if pair is not None]
     audit, digest = config.work_dir / "mined-answers.jsonl", _rows_digest(model.rows, tokens, config.bf16)
     answers = _known_answers(audit, prompts, digest)  # a resumed run mines the same rows again: skip it
@@ -179,10 +178,9 @@ def refusal_pairs(
                 model, tokenizer, prompts, tokens, bf16=config.bf16, progress=lambda n: bar.advance(task, n)
             )
         write_answers(audit, prompts, answers, digest)
-    whole = WHOLE_REFUSAL_TOKENS if config.teacher == "policy" else None  # a teacher's answers were cut
     pairs, mined = mined_pairs(
         tokenizer, prompts, answers, targets, base_answers, tokens, anchors=config.dpo_anchors, seed=config.seed,
-        refusal_tokens=whole,
+        refusal_tokens=config.refusal_cap,
     )  # fmt: skip
     counts.update(mined)
     console.print(f"mined {mined}")

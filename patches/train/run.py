@@ -79,6 +79,10 @@ def _trainable(start: torch.Tensor, config: TrainConfig) -> torch.nn.Parameter:
     return torch.nn.Parameter(start.detach().to(config.device, torch.float32).clone())
 
 
+def _target_cap(config: TrainConfig, harmful: bool) -> int:
+    return config.refusal_cap if harmful else config.response_tokens
+
+
 @dataclass(frozen=True)
 class _Item:
     """One stage-1 example: harmful ones are fitted by cross-entropy, benign ones by ``benign_loss``."""
@@ -172,7 +176,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     model = PatchModel(base, rows, config.placement)
     common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
     sft_items = [
-        _Item(make_example(tokenizer, p.text, targets[p.text], config.response_tokens), p.harmful)
+        _Item(make_example(tokenizer, p.text, targets[p.text], _target_cap(config, p.harmful)), p.harmful)
         for p in prompts
         for _ in range(config.harmful_repeat if p.harmful else config.benign_repeat)
     ]

@@ -48,6 +48,10 @@ _OFFERS = (
 )
 
 
+WHOLE_REFUSAL_TOKENS = 64
+"""Room for a whole written refusal (21–41 tokens) and its end of turn: ``--refusal-tokens 64``."""
+
+
 def policy_refusal(prompt: str) -> str:
     """A short refusal for ``prompt``, chosen deterministically from varied phrasings."""
     h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:6], "big")

@@ -15,14 +15,13 @@ from patches.train.config import TrainConfig
 from patches.train.data import Prompt
 from patches.train.model import Example, PatchModel, make_example
 from patches.train.pairs import (
-    WHOLE_REFUSAL_TOKENS,
     _known_answers,
     _rows_digest,
     fixed_pair,
     mined_pairs,
     write_answers,
 )
-from patches.train.teacher import policy_refusal
+from patches.train.teacher import WHOLE_REFUSAL_TOKENS, policy_refusal
 
 
 @pytest.fixture(scope="module")

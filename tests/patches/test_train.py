@@ -22,11 +22,23 @@ from patches.train.model import Example, PatchModel, ResponseLogits, kl_to_refer
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("n_tokens", 0), ("holdout", 1.0), ("beta", 0.0), ("batch_size", 0), ("response_tokens", 2)],
+    [
+        ("n_tokens", 0),
+        ("holdout", 1.0),
+        ("beta", 0.0),
+        ("batch_size", 0),
+        ("response_tokens", 2),
+        ("refusal_tokens", 2),
+    ],  # fmt: skip
 )
 def test_config_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_refusal_cap_defaults_to_the_response_cap_and_can_keep_refusals_whole() -> None:
+    assert TrainConfig(response_tokens=16).refusal_cap == 16
+    assert TrainConfig(response_tokens=16, refusal_tokens=64).refusal_cap == 64
 
 
 def test_config_rejects_no_training_at_all() -> None:
