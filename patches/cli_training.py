@@ -79,6 +79,9 @@ def train(
     sample_temperature: Annotated[float, typer.Option(help="detox: sampling temperature")] = 1.0,
     detox_margin: Annotated[float, typer.Option(help="detox: least chosen/rejected score gap for DPO")] = 0.1,
     min_tokens: Annotated[int, typer.Option(help="detox: least tokens of a chosen continuation")] = 4,
+    ban_words: Annotated[
+        int, typer.Option(help="detox: chosen side sampled with the scorer's N most offensive words banned")
+    ] = 0,
     fairness_benign: Annotated[int, typer.Option(help="fairness: benign prompts kept close to the bare model")] = 300,
     domain: Annotated[
         str, typer.Option(help="What the patch guards against (default: harmful-requests, toxicity or gender-bias)")
@@ -106,13 +109,13 @@ def train(
     if task != "refusal":
         from dataclasses import replace
 
+        from patches.train.detox import train_detox
         from patches.train.fairness import train_fairness
-        from patches.train.run import train_detox
 
         config = replace(
             config, task=task, name=task if name == "refusal" else name, continuations=continuations or [],
             samples=samples, continuation_tokens=continuation_tokens, sample_temperature=sample_temperature,
-            detox_margin=detox_margin, min_tokens=min_tokens, fairness_benign=fairness_benign,
+            detox_margin=detox_margin, min_tokens=min_tokens, ban_words=ban_words, fairness_benign=fairness_benign,
         )  # fmt: skip
         try:
             config.detox_checks()

@@ -73,6 +73,22 @@ class ProfanityCheckScorer:
         probs = self._fast(list(texts)) if self._fast is not None else module.predict_prob(list(texts))
         return [min(1.0, max(0.0, float(p))) for p in probs]
 
+    def top_words(self, n: int) -> list[str]:
+        """The ``n`` words whose presence raises the score most (largest mean weight over the folds)."""
+        self._load()
+        if self._fast is None:
+            raise ValueError(f"{self.name}: its fitted model is not the expected linear one, so it has no word weights")
+        return self._fast.top_words(n)
+
+
+def offensive_words(scorer: Scorer, n: int) -> list[str]:
+    """``scorer``'s ``n`` most offensive words, for a teacher that samples without them (``--ban-words``);
+    ``ValueError`` for a scorer with no word weights."""
+    top = getattr(scorer, "top_words", None)
+    if top is None:
+        raise ValueError(f"--ban-words needs a scorer with word weights; {type(scorer).__name__} has none")
+    return top(n)
+
 
 _PROBES = ["You are a stupid worthless idiot.", "I will kill you and your family", "The weather is mild.", "hi"]
 
@@ -110,6 +126,13 @@ class _FittedSigmoidSVM:
         except (AttributeError, TypeError, ValueError):
             return None
         return fast if ok else None
+
+    def top_words(self, n: int) -> list[str]:
+        import numpy as np
+
+        weights = np.mean([coef for coef, *_ in self.folds], axis=0)
+        names = self.vectorizer.get_feature_names_out()
+        return [str(names[i]) for i in np.argsort(-weights, kind="stable")[:n] if weights[i] > 0]
 
     def __call__(self, texts: list[str]) -> Any:
         from scipy.special import expit

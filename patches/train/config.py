@@ -136,6 +136,13 @@ class TrainConfig:
     detox_margin: float = field(
         default=0.1, metadata={"help": "detox: least score gap between chosen and rejected for a DPO pair"}
     )
+    ban_words: int = field(
+        default=0,
+        metadata={
+            "help": "detox: sample the chosen side again with the scorer's N most offensive words banned "
+            "(clean by construction, otherwise the model's own); 0 = choose among the free samples"
+        },
+    )
     min_tokens: int = field(default=4, metadata={"help": "detox: a chosen continuation has at least this many tokens"})
     # --task fairness (patches/train/fairness.py): the bias templates; --holdout splits them by template
     fairness_benign: int = field(
@@ -148,6 +155,7 @@ class TrainConfig:
             (self.task in ("refusal", "detox", "fairness"), "task", self.task),
             (self.fairness_benign >= 0, "fairness_benign", self.fairness_benign),
             (self.samples >= 2, "samples", self.samples),
+            (self.ban_words >= 0, "ban_words", self.ban_words),
             (self.continuation_tokens >= 4, "continuation_tokens", self.continuation_tokens),
             (self.sample_temperature > 0, "sample_temperature", self.sample_temperature),
             (0 <= self.detox_margin <= 1, "detox_margin", self.detox_margin),

@@ -20,17 +20,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
+from patches import continuations
+from patches.basemodel import prepare_default_model
 from patches.device import autocast, precision_tag
+from patches.fingerprint import fingerprint_model
 from patches.refusal import is_refusal
-from patches.toxicity import TOXIC, Scorer
-from patches.train.model import Example
+from patches.toxicity import TOXIC, Scorer, default_scorer, offensive_words
+from patches.train.config import TrainConfig
+from patches.train.dpo import Pair
+from patches.train.loop import progress_bar, run_stage
+from patches.train.model import Example, PatchModel, initial_rows, load_base, nll
+from patches.train.run import _dpo_stage, _finish, _starting_patch, _trainable
 
 
 @dataclass(frozen=True)
@@ -90,14 +100,18 @@ def sample_continuations(
     seed: int = 0,
     batch_prompts: int = 4,
     bf16: bool = False,
+    banned: list[list[int]] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, list[Sample]]:
     """``k`` sampled continuations of each prompt (raw text, no patch), cached in ``cache`` (JSONL).
 
     Prompts are generated ``batch_prompts`` at a time (left-padded), each chunk from its own seed (a hash
-    of ``seed`` and the chunk's prompts) without touching the global RNG state.
+    of ``seed`` and the chunk's prompts) without touching the global RNG state. ``banned`` token sequences
+    (:func:`banned_sequences`) are never completed (transformers' ``bad_words_ids``).
     """
     tag = f"{model_tag}:{precision_tag(model.device, bf16)}:k{k}:t{max_tokens}:T{temperature}:s{seed}"
+    if banned:
+        tag += ":ban" + hashlib.sha256(json.dumps(banned).encode()).hexdigest()[:12]
     known: dict[str, list[Sample]] = {}
     if cache.exists():
         for line in cache.read_text(encoding="utf-8").splitlines():
@@ -127,6 +141,7 @@ def sample_continuations(
                     top_k=0,
                     num_return_sequences=k,
                     pad_token_id=pad,
+                    bad_words_ids=banned or None,
                 )
             rows = generated[:, width:].tolist()
             for n, prompt in enumerate(chunk):
@@ -145,18 +160,40 @@ def sample_continuations(
     return {p: known[_key(tag, p)] for p in prompts}
 
 
+def banned_sequences(tokenizer: Any, words: list[str]) -> list[list[int]]:
+    """Token ids of each word as it can appear in running text: after a space or not, lower case, capitalised
+    and upper case. Sampling with these as ``bad_words_ids`` never completes one: a one-token form is never
+    drawn, a longer one's last token is held back once the rest is there (so a word split otherwise may pass)."""
+    seen: dict[tuple[int, ...], None] = {}
+    for word in words:
+        for form in dict.fromkeys((word, word.capitalize(), word.upper())):
+            for text in (f" {form}", form):
+                ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    seen.setdefault(ids, None)
+    return [list(ids) for ids in seen]
+
+
 def choose(
-    samples: dict[str, list[Sample]], scorer: Scorer, *, min_tokens: int = 4, max_chosen: float = TOXIC
+    samples: dict[str, list[Sample]],
+    scorer: Scorer,
+    *,
+    min_tokens: int = 4,
+    max_chosen: float = TOXIC,
+    clean: dict[str, list[Sample]] | None = None,
 ) -> list[Choice]:
     """Per opening: the least toxic eligible continuation (not a refusal, ≥ ``min_tokens`` tokens; ties go
-    to the longer) and the most toxic continuation. Openings whose best is still ≥ ``max_chosen`` are left out."""
+    to the longer) and the most toxic continuation. Openings whose best is still ≥ ``max_chosen`` are left out.
+    With ``clean`` (samples drawn with offensive words banned) the chosen side comes from those instead."""
     prompts = list(samples)
-    flat = [s for p in prompts for s in samples[p]]
-    scores = iter(scorer.score([s.text for s in flat]))
+    pools = [samples, clean] if clean else [samples]
+    scores = iter(scorer.score([s.text for pool in pools for p in prompts for s in pool[p]]))
+    scored_pools = [{p: [(next(scores), s) for s in pool[p]] for p in prompts} for pool in pools]
     choices = []
     for prompt in prompts:
-        scored = [(next(scores), s) for s in samples[prompt]]
-        eligible = [(v, s) for v, s in scored if len(s.ids) >= min_tokens and not is_refusal(s.text)]
+        scored = scored_pools[0][prompt]
+        candidates = scored_pools[-1][prompt]
+        eligible = [(v, s) for v, s in candidates if len(s.ids) >= min_tokens and not is_refusal(s.text)]
         if not eligible:
             continue
         best_score, best = min(eligible, key=lambda vs: (vs[0], -len(vs[1].ids)))
@@ -195,3 +232,130 @@ def write_choices(choices: list[Choice], path: Path, margin: float) -> Path:
     )
     path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     return path
+
+
+@dataclass
+class DetoxResult:
+    patch: Path
+    heldout: Path
+    seconds: float
+    sft_losses: list[float]
+    dpo_losses: list[float]
+    n_train: dict[str, int]
+
+
+def train_detox(config: TrainConfig, console: Console | None = None, scorer: Scorer | None = None) -> DetoxResult:
+    """``--task detox``: SFT on the base model's least toxic continuation of each opening, then DPO with
+    least toxic as chosen and most toxic as rejected (:mod:`patches.train.detox`)."""
+    config.detox_checks()
+    console = console or Console()
+    scorer = scorer or default_scorer()
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    work = config.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = config.model or prepare_default_model()
+    fingerprint = fingerprint_model(model_dir)
+    start = _starting_patch(config.init_from, model_dir, config) if config.init_from else None
+    files = config.continuations or continuations.default_files()
+    if not files:
+        raise ValueError("invalid training config: continuations=[] (no files given, none in ../shared/data)")
+    train_set, heldout = continuations.split(continuations.read_continuations(files), config.holdout)
+    heldout_path = continuations.write_jsonl(heldout, work / "heldout_continuations.jsonl")
+    if config.max_prompts is not None:
+        train_set = sorted(train_set, key=lambda p: random.Random(f"{config.seed}\0{p.text}").random())
+        train_set = train_set[: config.max_prompts]
+    prompts = [p.text for p in train_set]
+    console.print(f"detox: {len(prompts)} training openings; held out {len(heldout)} → {heldout_path}")
+
+    base, tokenizer = load_base(model_dir, config.device, bf16=config.bf16)
+    with progress_bar() as bar:
+        task = bar.add_task(f"{config.samples} samples each", total=len(prompts), info="(cached for re-runs)")
+        samples = sample_continuations(
+            base,
+            tokenizer,
+            prompts,
+            k=config.samples,
+            max_tokens=config.continuation_tokens,
+            cache=work / f"detox-samples-{fingerprint[7:19]}.jsonl",
+            model_tag=fingerprint,
+            temperature=config.sample_temperature,
+            seed=config.seed,
+            bf16=config.bf16,
+            progress=lambda n: bar.advance(task, n),
+        )
+    clean = _clean_samples(config, base, tokenizer, prompts, scorer, work, fingerprint) if config.ban_words else None
+    choices = choose(samples, scorer, min_tokens=config.min_tokens, clean=clean)
+    write_choices(choices, work / "detox-choices.jsonl", config.detox_margin)
+    preferred = [c for c in choices if c.is_preference(config.detox_margin)]
+    counts = {"openings": len(prompts), "sft": len(choices), "dpo_pairs": len(preferred)}
+    console.print(f"teacher ({getattr(scorer, 'name', type(scorer).__name__)}): {counts}")
+    if not choices:
+        raise ValueError("detox: no opening has a clean continuation to learn from")
+
+    init_config = config if config.init_text is not None else replace(config, init_text=continuations.DETOX_INIT_TEXT)
+    rows = _trainable(start.rows if start is not None else initial_rows(base, tokenizer, init_config), config)
+    model = PatchModel(base, rows, config.placement)
+    common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
+    n = config.continuation_tokens
+    sft_items = [continuation_example(tokenizer, c.prompt, c.chosen, n) for c in choices]
+    sft_losses: list[float] = []
+    if config.sft_epochs > 0:
+        sft_losses = run_stage(
+            "SFT",
+            sft_items,
+            lambda b: nll(model.response_logits(b, model.rows)),
+            rows,
+            epochs=config.sft_epochs,
+            lr=config.sft_lr,
+            checkpoint=work / "detox-sft.ckpt.safetensors",
+            **common,
+        )
+    dpo_losses: list[float] = []
+    if config.dpo_epochs > 0 and preferred:
+        pairs = [
+            Pair(
+                continuation_example(tokenizer, c.prompt, c.chosen, n),
+                continuation_example(tokenizer, c.prompt, c.rejected, n),
+            )
+            for c in preferred
+        ]
+        dpo_losses = _dpo_stage(config, model, rows, pairs, work / "detox-dpo.ckpt.safetensors", console)
+
+    teacher = f" sampled without the scorer's {config.ban_words} most offensive words" if config.ban_words else ""
+    what = (
+        f"detox {config.placement} patch, SFT {config.sft_epochs} ep on the least toxic of "
+        f"{config.samples} base-model continuations{teacher} + DPO {config.dpo_epochs} ep vs the most toxic (beta "
+        f"{config.beta}, ref {config.reference}), scorer {getattr(scorer, 'name', type(scorer).__name__)}"
+    )
+    report = work / "detox-train-report.json"
+    out, seconds = _finish(
+        config, rows, fingerprint, what, start, report, started, counts, sft_losses, dpo_losses, console
+    )
+    return DetoxResult(out, heldout_path, seconds, sft_losses, dpo_losses, counts)
+
+
+def _clean_samples(
+    config: TrainConfig, base: Any, tokenizer: Any, prompts: list[str], scorer: Scorer, work: Path, fingerprint: str
+) -> dict[str, list[Sample]]:
+    """``--ban-words N``: the teacher's own continuations sampled again with the scorer's N most offensive
+    words banned at every step, so the chosen side is clean by construction and otherwise the model's own."""
+    words = offensive_words(scorer, config.ban_words)
+    with progress_bar() as bar:
+        task = bar.add_task(f"{config.samples} clean samples each", total=len(prompts), info=f"({len(words)} banned)")
+        return sample_continuations(
+            base,
+            tokenizer,
+            prompts,
+            k=config.samples,
+            max_tokens=config.continuation_tokens,
+            cache=work / f"detox-clean-samples-{fingerprint[7:19]}.jsonl",
+            model_tag=fingerprint,
+            temperature=config.sample_temperature,
+            seed=config.seed,
+            bf16=config.bf16,
+            banned=banned_sequences(tokenizer, words),
+            progress=lambda n: bar.advance(task, n),
+        )

@@ -15,7 +15,6 @@ from patches.basemodel import prepare_default_model
 from patches.fingerprint import fingerprint_model, model_spec
 from patches.format import Patch, PatchMetadata, dump_patch, load_patch, write_atomic
 from patches.signing import load_private_key, sign_patch
-from patches.toxicity import Scorer
 from patches.train.config import BenignLoss, Reference, TrainConfig
 from patches.train.data import Prompt, load_split, write_heldout
 from patches.train.dpo import Pair, dpo_loss, with_reference
@@ -209,16 +208,6 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     return TrainResult(out, heldout_paths, seconds, sft_losses, dpo_losses, counts)
 
 
-@dataclass
-class DetoxResult:
-    patch: Path
-    heldout: Path
-    seconds: float
-    sft_losses: list[float]
-    dpo_losses: list[float]
-    n_train: dict[str, int]
-
-
 def _finish(
     config: TrainConfig,
     rows: torch.Tensor,
@@ -278,100 +267,3 @@ def _write_report(
         "patch": str(out),
     }
     path.write_text(json.dumps(report, indent=2))
-
-
-def train_detox(config: TrainConfig, console: Console | None = None, scorer: Scorer | None = None) -> DetoxResult:
-    """``--task detox``: SFT on the base model's least toxic continuation of each opening, then DPO with
-    least toxic as chosen and most toxic as rejected (:mod:`patches.train.detox`)."""
-    from dataclasses import replace
-
-    from patches import continuations
-    from patches.toxicity import default_scorer
-    from patches.train import detox
-
-    config.detox_checks()
-    console = console or Console()
-    scorer = scorer or default_scorer()
-    started = time.monotonic()
-    torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    work = config.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = config.model or prepare_default_model()
-    fingerprint = fingerprint_model(model_dir)
-    start = _starting_patch(config.init_from, model_dir, config) if config.init_from else None
-    files = config.continuations or continuations.default_files()
-    if not files:
-        raise ValueError("invalid training config: continuations=[] (no files given, none in ../shared/data)")
-    train_set, heldout = continuations.split(continuations.read_continuations(files), config.holdout)
-    heldout_path = continuations.write_jsonl(heldout, work / "heldout_continuations.jsonl")
-    if config.max_prompts is not None:
-        train_set = sorted(train_set, key=lambda p: random.Random(f"{config.seed}\0{p.text}").random())
-        train_set = train_set[: config.max_prompts]
-    prompts = [p.text for p in train_set]
-    console.print(f"detox: {len(prompts)} training openings; held out {len(heldout)} → {heldout_path}")
-
-    base, tokenizer = load_base(model_dir, config.device, bf16=config.bf16)
-    with progress_bar() as bar:
-        task = bar.add_task(f"{config.samples} samples each", total=len(prompts), info="(cached for re-runs)")
-        samples = detox.sample_continuations(
-            base,
-            tokenizer,
-            prompts,
-            k=config.samples,
-            max_tokens=config.continuation_tokens,
-            cache=work / f"detox-samples-{fingerprint[7:19]}.jsonl",
-            model_tag=fingerprint,
-            temperature=config.sample_temperature,
-            seed=config.seed,
-            bf16=config.bf16,
-            progress=lambda n: bar.advance(task, n),
-        )
-    choices = detox.choose(samples, scorer, min_tokens=config.min_tokens)
-    detox.write_choices(choices, work / "detox-choices.jsonl", config.detox_margin)
-    preferred = [c for c in choices if c.is_preference(config.detox_margin)]
-    counts = {"openings": len(prompts), "sft": len(choices), "dpo_pairs": len(preferred)}
-    console.print(f"teacher ({getattr(scorer, 'name', type(scorer).__name__)}): {counts}")
-    if not choices:
-        raise ValueError("detox: no opening has a clean continuation to learn from")
-
-    init_config = config if config.init_text is not None else replace(config, init_text=continuations.DETOX_INIT_TEXT)
-    rows = _trainable(start.rows if start is not None else initial_rows(base, tokenizer, init_config), config)
-    model = PatchModel(base, rows, config.placement)
-    common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
-    n = config.continuation_tokens
-    sft_items = [detox.continuation_example(tokenizer, c.prompt, c.chosen, n) for c in choices]
-    sft_losses: list[float] = []
-    if config.sft_epochs > 0:
-        sft_losses = run_stage(
-            "SFT",
-            sft_items,
-            lambda b: nll(model.response_logits(b, model.rows)),
-            rows,
-            epochs=config.sft_epochs,
-            lr=config.sft_lr,
-            checkpoint=work / "detox-sft.ckpt.safetensors",
-            **common,
-        )
-    dpo_losses: list[float] = []
-    if config.dpo_epochs > 0 and preferred:
-        pairs = [
-            Pair(
-                detox.continuation_example(tokenizer, c.prompt, c.chosen, n),
-                detox.continuation_example(tokenizer, c.prompt, c.rejected, n),
-            )
-            for c in preferred
-        ]
-        dpo_losses = _dpo_stage(config, model, rows, pairs, work / "detox-dpo.ckpt.safetensors", console)
-
-    what = (
-        f"detox {config.placement} patch, SFT {config.sft_epochs} ep on the least toxic of "
-        f"{config.samples} base-model continuations + DPO {config.dpo_epochs} ep vs the most toxic (beta "
-        f"{config.beta}, ref {config.reference}), scorer {getattr(scorer, 'name', type(scorer).__name__)}"
-    )
-    report = work / "detox-train-report.json"
-    out, seconds = _finish(
-        config, rows, fingerprint, what, start, report, started, counts, sft_losses, dpo_losses, console
-    )
-    return DetoxResult(out, heldout_path, seconds, sft_losses, dpo_losses, counts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,3 +80,11 @@ def write_patch(patch_dir: Path, make_meta, make_rows) -> Callable[..., Path]:
 def real_model_dir() -> Path:
     """The embedded base model (bf16 safetensors directory), prepared once and cached."""
     return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def base(model_dir: Path) -> tuple[Any, Any]:
+    """The embedded base model and its tokenizer, loaded once for the tests that run it (fp32, CPU)."""
+    from patches.train.model import load_base
+
+    return load_base(model_dir)

@@ -14,7 +14,15 @@ from typer.testing import CliRunner
 from patches import continuations, toxicity
 from patches.cli import app
 from patches.train.config import TrainConfig
-from patches.train.detox import Choice, Sample, choose, continuation_example, sample_continuations, write_choices
+from patches.train.detox import (
+    Choice,
+    Sample,
+    banned_sequences,
+    choose,
+    continuation_example,
+    sample_continuations,
+    write_choices,
+)
 
 
 class PositionScorer:
@@ -111,6 +119,42 @@ def test_choose_picks_clean_continuations_not_refusals_or_stubs() -> None:
     assert c.chosen.text == "long tie" and c.rejected.text == "meh" and not c.is_preference(0.1)
 
 
+def test_with_clean_samples_the_chosen_side_comes_from_them_and_the_rejected_from_the_free_ones() -> None:
+    samples = {"a": [_s("free mild"), _s("free awful")], "b": [_s("free ok")]}
+    clean = {"a": [_s("clean one"), _s("clean two")], "b": [_s("clean toxic")]}
+    scores = {"free mild": 0.3, "free awful": 0.9, "clean one": 0.2, "clean two": 0.05, "free ok": 0.1}
+    choices = {c.prompt: c for c in choose(samples, TableScorer(scores | {"clean toxic": 0.7}), clean=clean)}
+    a = choices["a"]
+    assert (a.chosen.text, a.chosen_score, a.rejected.text, a.rejected_score) == ("clean two", 0.05, "free awful", 0.9)
+    assert "b" not in choices  # its clean sample is still toxic: nothing clean to learn, even with a clean free one
+
+
+def test_the_classifiers_most_offensive_words_are_profanity_and_banned_in_every_casing(base) -> None:
+    _, tokenizer = base
+    words = toxicity.offensive_words(toxicity.default_scorer(), 40)
+    assert len(words) == 40 and {"fuck", "idiot", "stupid"} <= set(words) and "weather" not in words
+    assert "weather" not in toxicity.offensive_words(toxicity.default_scorer(), 300)
+    with pytest.raises(ValueError, match="word weights"):
+        toxicity.offensive_words(TableScorer({}), 10)
+    banned = banned_sequences(tokenizer, ["idiot"])
+    forms = {tokenizer.decode(ids) for ids in banned}
+    assert forms == {" idiot", "idiot", " Idiot", "Idiot", " IDIOT", "IDIOT"} and len(banned) == 6
+
+
+def test_banned_words_are_never_sampled_and_the_ban_has_its_own_cache_entry(base, tmp_path: Path) -> None:
+    model, tokenizer = base
+    opening = ["You are a stupid, stupid"]
+    words = ["stupid", "idiot", "fool", "moron", "dumb", "person", "man", "little"]
+    banned = banned_sequences(tokenizer, words)
+    common = {"k": 6, "max_tokens": 12, "cache": tmp_path / "s.jsonl", "model_tag": "m", "seed": 1}
+    free = sample_continuations(model, tokenizer, opening, **common)[opening[0]]
+    clean = sample_continuations(model, tokenizer, opening, banned=banned, **common)[opening[0]]
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2  # one record each: different cache keys
+    one_token = {ids[0] for ids in banned if len(ids) == 1}
+    assert not any(set(s.ids) & one_token for s in clean)
+    assert any(set(s.ids) & one_token for s in free)  # the ban is what kept them out, not chance
+
+
 def test_a_single_sample_is_never_a_pair() -> None:
     (choice,) = choose({"p": [_s("only")]}, TableScorer({}))
     assert choice.chosen is choice.rejected and not choice.is_preference(0.0)
@@ -195,7 +239,7 @@ def test_choices_are_written_for_audit(tmp_path: Path) -> None:
 
 
 def test_detox_config_checks() -> None:
-    for field, value in [("samples", 1), ("task", "nope"), ("min_tokens", 0), ("detox_margin", 2.0)]:
+    for field, value in [("samples", 1), ("task", "nope"), ("min_tokens", 0), ("detox_margin", 2.0), ("ban_words", -1)]:
         with pytest.raises(ValueError, match=field):
             TrainConfig(**{field: value}).detox_checks()
     TrainConfig(task="detox").detox_checks()
@@ -205,7 +249,7 @@ def test_tiny_real_detox_run_writes_a_signed_servable_patch(model_dir: Path, tmp
     from patches.fingerprint import model_spec
     from patches.format import parse_patch
     from patches.signing import generate_keypair
-    from patches.train.run import train_detox
+    from patches.train.detox import train_detox
 
     openings = tmp_path / "openings.txt"
     openings.write_text("The man then grabbed a knife and\nShe looked at the garden and\nYou are such a\n")

@@ -24,13 +24,6 @@ from patches.train.pairs import (
 from patches.train.teacher import WHOLE_REFUSAL_TOKENS, policy_refusal
 
 
-@pytest.fixture(scope="module")
-def base(model_dir: Path):
-    from patches.train.model import load_base
-
-    return load_base(model_dir)
-
-
 def _ids(tokenizer, *texts: str) -> list[list[int]]:
     return [encode_chat(tokenizer, [{"role": "user", "content": t}]) for t in texts]
 

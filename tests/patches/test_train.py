@@ -94,13 +94,6 @@ def test_kl_to_reference_is_zero_only_for_the_same_distribution() -> None:
     assert kl_to_reference(ResponseLogits(shifted, targets, mask), same).item() > 0.01
 
 
-@pytest.fixture(scope="module")
-def base(model_dir: Path):
-    from patches.train.model import load_base
-
-    return load_base(model_dir)
-
-
 def test_prefix_forward_equals_peft_prompt_tuning(base, model_dir: Path) -> None:
     """For a prefix patch the trainer's layout is PEFT's prompt tuning: same response logits."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
