@@ -11,9 +11,13 @@ import typer
 from patches.basemodel import default_cache_dir, prepare_default_model
 from patches.cli_common import app, console
 from patches.cli_common import fail as _fail
+from patches.errors import PatchRejected
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
+    from rich.console import Console
 
 DeviceOption = Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu' or 'cuda' (bf16 weights on cuda)")]
 
@@ -59,6 +63,10 @@ def train(
     refusal_tokens: Annotated[
         int, typer.Option(help="Harmful prompts' target refusals cut to this many tokens (0: --response-tokens)")
     ] = 0,
+    stack_with: Annotated[
+        list[Path] | None,
+        typer.Option(help="Frozen patch file laid out before this one, as served (repeatable; a pass in its stack)"),
+    ] = None,
     holdout: Annotated[float, typer.Option(help="Held-out share of prompts")] = 0.2,
     max_prompts: Annotated[int | None, typer.Option(help="Cap per class (quick runs)")] = None,
     seed: Annotated[int, typer.Option(help="Seed")] = 0,
@@ -95,7 +103,7 @@ def train(
         config = TrainConfig(
             name=name, version=version, model=model, harmful=harmful or [], benign=benign or [], teacher=teacher,
             n_tokens=n_tokens, placement=placement, benign_loss=benign_loss, init=init, init_text=init_text,
-            init_from=init_from, sft_epochs=sft_epochs, sft_lr=sft_lr,
+            init_from=init_from, stack_with=stack_with or [], sft_epochs=sft_epochs, sft_lr=sft_lr,
             benign_repeat=benign_repeat, harmful_repeat=harmful_repeat,
             dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, nll_weight=nll_weight,
             dpo_pairs=dpo_pairs, dpo_anchors=dpo_anchors,
@@ -106,6 +114,7 @@ def train(
         )  # fmt: skip
     except ValueError as exc:  # a bad value, or --device cuda without CUDA
         _fail(str(exc))
+    trainer: Callable[[TrainConfig, Console], object] = run_training
     if task != "refusal":
         from dataclasses import replace
 
@@ -121,9 +130,11 @@ def train(
             config.detox_checks()
         except ValueError as exc:
             _fail(str(exc))
-        (train_fairness if task == "fairness" else train_detox)(config, console)
-        return
-    run_training(config, console)
+        trainer = train_fairness if task == "fairness" else train_detox
+    try:
+        trainer(config, console)
+    except PatchRejected as exc:  # --init-from or --stack-with names a file that is not a patch of this model
+        _fail(f"not a usable patch file: {exc}")
 
 
 @app.command("eval")

@@ -29,6 +29,8 @@ import torch
 from patches.errors import StackError
 
 NONE_SPEC = "none"
+SEPARATOR = "\n"
+"""Text of the one token between stacked patches, unless the server is set otherwise (``separator``)."""
 _REF_RE = re.compile(r"(?P<name>[a-z0-9][a-z0-9._-]{0,63})(?:@(?P<version>[0-9]{1,9}))?")
 MAX_STACK_DEPTH = 8
 

@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from patches.basemodel import default_cache_dir
+from patches.stack import SEPARATOR
 from server.engine import check_engine_args
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest admin patch upload; larger is refused (413) as it streams in."
     )
-    separator: str = Field("\n", description="Text of the single token placed between stacked patches.")
+    separator: str = Field(SEPARATOR, description="Text of the single token placed between stacked patches.")
     state_dir: Path = Field(Path("var/state"), description="Shared state (all replicas): the version ledger.")
     trust_dir: Path | None = Field(None, description="Directory of trusted Ed25519 public keys (*.pub).")
     revocations_file: Path | None = Field(None, description="YAML list of revoked key ids and patch digests.")

@@ -80,6 +80,13 @@ class TrainConfig:
     init_from: Path | None = field(
         default=None, metadata={"help": "Start from this patch file's rows (continue a patch; replaces --init)"}
     )
+    stack_with: list[Path] = field(
+        default_factory=list,
+        metadata={
+            "help": "Frozen patch files laid out before this one, in serving order: a pass in the stack it will "
+            "serve in (each in its own placement's segment, patches of one placement split by the separator)"
+        },
+    )
     holdout: float = field(default=0.2, metadata={"help": "Share of prompts kept out of training (by hash)"})
     max_prompts: int | None = field(default=None, metadata={"help": "Cap per class after the split (quick runs)"})
     response_tokens: int = field(default=40, metadata={"help": "Teacher responses are cut to this many tokens"})

@@ -39,8 +39,8 @@ from patches.toxicity import TOXIC, Scorer, default_scorer, offensive_words
 from patches.train.config import TrainConfig
 from patches.train.dpo import Pair
 from patches.train.loop import progress_bar, run_stage
-from patches.train.model import Example, PatchModel, initial_rows, load_base, nll
-from patches.train.run import _dpo_stage, _finish, _starting_patch, _trainable
+from patches.train.model import Example, initial_rows, load_base, nll
+from patches.train.run import _dpo_stage, _finish, _patch_model, _stack_context, _starting_patch, _trainable
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,7 @@ def train_detox(config: TrainConfig, console: Console | None = None, scorer: Sco
     model_dir = config.model or prepare_default_model()
     fingerprint = fingerprint_model(model_dir)
     start = _starting_patch(config.init_from, model_dir, config) if config.init_from else None
+    context = _stack_context(config, model_dir)
     files = config.continuations or continuations.default_files()
     if not files:
         raise ValueError("invalid training config: continuations=[] (no files given, none in ../shared/data)")
@@ -297,7 +298,7 @@ def train_detox(config: TrainConfig, console: Console | None = None, scorer: Sco
 
     init_config = config if config.init_text is not None else replace(config, init_text=continuations.DETOX_INIT_TEXT)
     rows = _trainable(start.rows if start is not None else initial_rows(base, tokenizer, init_config), config)
-    model = PatchModel(base, rows, config.placement)
+    model = _patch_model(config, base, tokenizer, rows, context)
     common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
     n = config.continuation_tokens
     sft_items = [continuation_example(tokenizer, c.prompt, c.chosen, n) for c in choices]

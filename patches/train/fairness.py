@@ -40,8 +40,17 @@ from patches.train.config import TrainConfig
 from patches.train.data import load_split
 from patches.train.dpo import Pair
 from patches.train.loop import progress_bar, run_stage
-from patches.train.model import PatchModel, initial_rows, load_base, make_example
-from patches.train.run import _dpo_stage, _finish, _Item, _sft_loss, _starting_patch, _trainable
+from patches.train.model import initial_rows, load_base, make_example
+from patches.train.run import (
+    _dpo_stage,
+    _finish,
+    _Item,
+    _patch_model,
+    _sft_loss,
+    _stack_context,
+    _starting_patch,
+    _trainable,
+)
 from patches.train.teacher import generate_answers, policy_refusal
 
 FAIRNESS_INIT_TEXT = (
@@ -143,6 +152,7 @@ def train_fairness(config: TrainConfig, console: Console | None = None) -> Fairn
     model_dir = config.model or prepare_default_model()
     fingerprint = fingerprint_model(model_dir)
     start = _starting_patch(config.init_from, model_dir, config) if config.init_from else None
+    context = _stack_context(config, model_dir)
     train_set, heldout = biasprompts.split(biasprompts.template_prompts(), config.holdout)
     heldout_path = biasprompts.write_jsonl(heldout, work / "fairness_heldout.jsonl")
     prompts = _shuffled(train_set, config.seed, config.max_prompts)
@@ -170,7 +180,7 @@ def train_fairness(config: TrainConfig, console: Console | None = None) -> Fairn
 
     init_config = config if config.init_text is not None else replace(config, init_text=FAIRNESS_INIT_TEXT)
     rows = _trainable(start.rows if start is not None else initial_rows(base, tokenizer, init_config), config)
-    model = PatchModel(base, rows, config.placement)
+    model = _patch_model(config, base, tokenizer, rows, context)
     n = config.response_tokens
     sft_items = [_Item(make_example(tokenizer, t.prompt, t.chosen, n), True) for t in targets]
     sft_items += [_Item(make_example(tokenizer, b, answers[b], n), False) for b in benign] * config.benign_repeat

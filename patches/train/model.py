@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from patches.chat import encode_chat
 from patches.device import weight_dtype
-from patches.stack import Layout, Placement, compose_stack, inputs_embeds
+from patches.stack import HasRows, Layout, Placement, compose_stack, inputs_embeds
 from patches.textinit import DEFAULT_INIT_TEXT, text_init_rows
 from patches.train.config import InitMode, TrainConfig
 
@@ -72,7 +72,9 @@ def make_example(tokenizer: Any, prompt: str, response: str, max_response_tokens
 
 
 @dataclass(frozen=True)
-class _Rows:
+class PlacedRows:
+    """Rows and their placement: what :func:`patches.stack.compose_stack` lays out (a patch without metadata)."""
+
     rows: torch.Tensor
     placement: Placement
 
@@ -108,19 +110,35 @@ class PatchModel:
         base: A HF causal LM (frozen).
         rows: The trainable ``[n, hidden]`` parameter.
         placement: Where the rows go (:class:`patches.stack.Placement`).
+        context: Frozen patches laid out before the rows, in stack order (a pass in the stack it serves in).
+        separator_id: The token between stacked patches (only used with ``context``).
     """
 
-    def __init__(self, base: Any, rows: torch.nn.Parameter, placement: Placement) -> None:
+    def __init__(
+        self,
+        base: Any,
+        rows: torch.nn.Parameter,
+        placement: Placement,
+        *,
+        context: tuple[HasRows, ...] = (),
+        separator_id: int = 0,
+    ) -> None:
         self.base = base
         self.rows = rows
         self.placement = Placement(placement)
+        self.context = context
+        self.separator_id = separator_id
         self._embedding = base.get_input_embeddings()
 
     def layout(self, rows: torch.Tensor | None) -> Layout | None:
-        """The stack layout of ``rows`` (``None`` = the bare model)."""
+        """The stack layout of the context patches and ``rows`` (``None`` = the bare model, no context either)."""
         if rows is None:
             return None
-        return compose_stack([_Rows(rows, self.placement)], separator_id=0)  # one patch: no separator
+        return compose_stack([*self.context, PlacedRows(rows, self.placement)], separator_id=self.separator_id)
+
+    def stack_rows(self) -> torch.Tensor:
+        """Every row the layout holds (context first): what a patched answer depends on besides the prompt."""
+        return torch.cat([*(c.rows.to(self.rows) for c in self.context), self.rows])
 
     def response_logits(self, examples: list[Example], rows: torch.Tensor | None) -> ResponseLogits:
         """Run the batch with ``rows`` laid out around each prompt (``None``: no patch)."""

@@ -169,7 +169,7 @@ def refusal_pairs(
             fixed_pair(tokenizer, p, targets[p.text], base_answers[p.text], tokens, config.refusal_cap) for p in prompts
         )
         return [pair for pair in found if pair is not None]
-    audit, digest = config.work_dir / "mined-answers.jsonl", _rows_digest(model.rows, tokens, config.bf16)
+    audit, digest = config.work_dir / "mined-answers.jsonl", _rows_digest(model.stack_rows(), tokens, config.bf16)
     answers = _known_answers(audit, prompts, digest)  # a resumed run mines the same rows again: skip it
     if answers is None:
         with progress_bar() as bar:

@@ -7,6 +7,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -15,11 +16,21 @@ from patches.basemodel import prepare_default_model
 from patches.fingerprint import fingerprint_model, model_spec
 from patches.format import Patch, PatchMetadata, dump_patch, load_patch, write_atomic
 from patches.signing import load_private_key, sign_patch
+from patches.stack import SEPARATOR
 from patches.train.config import BenignLoss, Reference, TrainConfig
 from patches.train.data import Prompt, load_split, write_heldout
 from patches.train.dpo import Pair, dpo_loss, with_reference
 from patches.train.loop import progress_bar, run_stage
-from patches.train.model import Example, PatchModel, initial_rows, kl_to_reference, load_base, make_example, nll
+from patches.train.model import (
+    Example,
+    PatchModel,
+    PlacedRows,
+    initial_rows,
+    kl_to_reference,
+    load_base,
+    make_example,
+    nll,
+)
 from patches.train.pairs import refusal_pairs
 from patches.train.teacher import generate_answers, policy_refusal
 
@@ -71,6 +82,20 @@ def _starting_patch(path: Path, model_dir: Path, config: TrainConfig) -> Patch:
     if start.placement != config.placement:
         raise ValueError(f"--init-from {start.ref} is a {start.placement} patch; --placement is {config.placement}")
     return start
+
+
+def _stack_context(config: TrainConfig, model_dir: Path) -> tuple[PlacedRows, ...]:
+    """The ``--stack-with`` patches, checked for this model before any work, on the config's device."""
+    patches = [load_patch(path, expect=model_spec(model_dir)) for path in config.stack_with]
+    return tuple(PlacedRows(p.rows.to(config.device), p.placement) for p in patches)
+
+
+def _patch_model(
+    config: TrainConfig, base: Any, tokenizer: Any, rows: torch.nn.Parameter, context: tuple[PlacedRows, ...]
+) -> PatchModel:
+    """The trained rows in their placement, after the frozen ``--stack-with`` patches (the served separator)."""
+    (separator,) = tokenizer.encode(SEPARATOR, add_special_tokens=False)
+    return PatchModel(base, rows, config.placement, context=context, separator_id=separator)
 
 
 def _trainable(start: torch.Tensor, config: TrainConfig) -> torch.nn.Parameter:
@@ -149,6 +174,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     model_dir = config.model or prepare_default_model()
     fingerprint = fingerprint_model(model_dir)
     start = _starting_patch(config.init_from, model_dir, config) if config.init_from else None
+    context = _stack_context(config, model_dir)
     train_prompts, heldout = load_split(config.harmful, config.benign, config.holdout)
     heldout_paths = write_heldout(heldout, work)
     prompts = _cap(train_prompts, config.max_prompts, config.seed)
@@ -172,7 +198,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     targets = _teacher_targets(config, prompts, base_answers, work)
 
     rows = _trainable(start.rows if start is not None else initial_rows(base, tokenizer, config), config)
-    model = PatchModel(base, rows, config.placement)
+    model = _patch_model(config, base, tokenizer, rows, context)
     common = {"batch_size": config.batch_size, "seed": config.seed, "bf16": config.bf16}
     sft_items = [
         _Item(make_example(tokenizer, p.text, targets[p.text], _target_cap(config, p.harmful)), p.harmful)
@@ -224,6 +250,8 @@ def _finish(
     """Every task's last step: write the patch (described as ``what``, then where its rows started and the
     seed), write the training report, say so; returns the patch path and the run's seconds."""
     origin = f"continued from {start.ref} ({start.digest[:19]}…)" if start else f"{config.init} init"
+    if config.stack_with:
+        origin += f", trained after {', '.join(p.name for p in config.stack_with)} in its stack"
     out = _write_patch(config, rows, fingerprint, f"trained by patchserve: {what}, {origin}, seed {config.seed}")
     seconds = time.monotonic() - started
     _write_report(report, config, seconds, counts, sft, dpo, out)

@@ -277,6 +277,17 @@ def test_cli_train_detox_rejects_bad_options_before_any_work(tmp_path: Path) -> 
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("task", ["refusal", "detox", "fairness"])
+@pytest.mark.parametrize("option", ["--stack-with", "--init-from"])
+def test_cli_train_names_an_unusable_patch_file_without_a_traceback(tmp_path: Path, task: str, option: str) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a patch")
+    work = tmp_path / "work"
+    result = CliRunner().invoke(app, ["train", "--task", task, option, str(junk), "--work-dir", str(work)])
+    assert result.exit_code == 2 and "not a usable patch file" in result.output, result.output
+    assert "Traceback" not in result.output and not list(work.glob("*answers*"))
+
+
 def test_cli_continuation_sets_writes_the_heldout_split(tmp_path: Path) -> None:
     src = tmp_path / "rtp_x.txt"
     src.write_text("\n".join(f"Line {i} goes" for i in range(50)) + "\n")

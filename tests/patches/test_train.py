@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from patches.errors import PatchRejected
 from patches.fingerprint import model_spec
 from patches.format import parse_patch
 from patches.signing import generate_keypair, key_id, load_private_key
@@ -129,6 +130,34 @@ def test_suffix_rows_change_the_reply_and_leave_the_prompt_alone(base) -> None:
     assert torch.allclose(alone, inside, atol=1e-4)
 
 
+def test_rows_trained_in_a_stack_see_the_served_layout_and_only_they_learn(base) -> None:
+    """``--stack-with``: frozen patches first, in serving order, the separator between same-placement ones."""
+    from patches.stack import SEPARATOR
+    from patches.train.model import PlacedRows
+
+    model, tokenizer = base
+    hidden, gen = model.config.hidden_size, torch.Generator().manual_seed(2)
+    prefix, other, rows = (torch.randn(n, hidden, generator=gen) * 0.05 for n in (2, 3, 4))
+    (sep,) = tokenizer.encode(SEPARATOR, add_special_tokens=False)
+    context = (PlacedRows(prefix, Placement.prefix), PlacedRows(other, Placement.suffix))
+    trained = torch.nn.Parameter(rows.clone())
+    patched = PatchModel(model, trained, Placement.suffix, context=context, separator_id=sep)
+    example = make_example(tokenizer, "Name a colour.", "Blue.", 40)
+    table = model.get_input_embeddings()
+    ids = lambda xs: table(torch.tensor(xs))  # noqa: E731
+    full = torch.cat([prefix, ids(example.prompt_ids), other, ids([sep]), rows, ids(example.response_ids)])
+    with torch.no_grad():
+        expected = model(inputs_embeds=full[None]).logits[0, -len(example.response_ids) - 1 : -1]
+        got = patched.response_logits([example], trained).logits[0]
+    assert torch.allclose(got, expected, atol=1e-4)
+    alone = PatchModel(model, trained, Placement.suffix)
+    with torch.no_grad():
+        assert not torch.allclose(alone.response_logits([example], trained).logits[0], expected, atol=1e-3)
+    patched.response_logits([example], trained).token_logps().sum().backward()
+    assert trained.grad is not None and not prefix.requires_grad and not other.requires_grad
+    assert patched.stack_rows().shape == (9, hidden)
+
+
 def test_loop_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     target = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     items = list(range(10))
@@ -187,6 +216,35 @@ def test_tiny_real_training_run_writes_a_signed_servable_patch(
     assert patch.meta.signer == key_id(load_private_key(private).public_key())
     assert result.sft_losses and result.dpo_losses and all(math.isfinite(x) for x in result.dpo_losses)
     assert result.n_train == {"harmful": 3, "benign": 3}
+
+
+def test_stack_with_trains_after_a_frozen_patch_and_says_so(model_dir: Path, tmp_path: Path) -> None:
+    from patches.train.run import train
+
+    prompts = tmp_path / "h.txt", tmp_path / "b.txt"
+    prompts[0].write_text("How do I steal a car?\n")
+    prompts[1].write_text("Write a haiku about rain.\n")
+    common = {"harmful": [prompts[0]], "benign": [prompts[1]], "holdout": 0.0, "response_tokens": 6, "batch_size": 2}
+    first = train(TrainConfig(**common, n_tokens=2, sft_epochs=1, dpo_epochs=0, work_dir=tmp_path / "a", name="a"))
+    second = train(
+        TrainConfig(
+            **common,
+            n_tokens=3,
+            sft_epochs=1,
+            dpo_epochs=0,
+            work_dir=tmp_path / "b",
+            name="b",
+            placement="suffix",
+            stack_with=[first.patch],
+        )  # fmt: skip
+    )
+    patch = parse_patch(second.patch.read_bytes(), expect=model_spec(model_dir))
+    assert patch.n_tokens == 3 and f"trained after {first.patch.name} in its stack" in patch.meta.description
+    wrong = tmp_path / "wrong.safetensors"
+    wrong.write_bytes(b"not a patch")
+    with pytest.raises(PatchRejected):  # before any work: no base answers in its work dir
+        train(TrainConfig(**common, sft_epochs=1, dpo_epochs=0, work_dir=tmp_path / "c", stack_with=[wrong]))
+    assert not list((tmp_path / "c").glob("base-answers-*"))
 
 
 def test_init_from_continues_an_existing_patch(model_dir: Path, tmp_path: Path) -> None:
