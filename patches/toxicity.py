@@ -81,13 +81,26 @@ class ProfanityCheckScorer:
         return self._fast.top_words(n)
 
 
+GROUP_TERMS = frozenset(
+    """gay gays homosexual homosexuals lesbian lesbians bisexual queer trans transgender white whites black blacks
+    jew jews jewish muslim muslims islam islamic christian christians catholic catholics hindu hindus atheist
+    atheists arab arabs mexican mexicans asian asians african africans indian indians chinese latino latinos
+    hispanic hispanics immigrant immigrants women woman men man girl girls boy boys mom mum mother father
+    liberal liberals conservative conservatives democrat democrats republican republicans feminist feminists
+    """.split()
+)
+"""Words that name a group of people. A bag-of-words classifier learns weight on them from the abuse aimed
+at the groups; a teacher that banned them would teach the patch to stop naming the groups (erasure), so
+:func:`offensive_words` never returns them."""
+
+
 def offensive_words(scorer: Scorer, n: int) -> list[str]:
-    """``scorer``'s ``n`` most offensive words, for a teacher that samples without them (``--ban-words``);
-    ``ValueError`` for a scorer with no word weights."""
+    """``scorer``'s ``n`` most offensive words that do not name a group of people (:data:`GROUP_TERMS`), for
+    a teacher that samples without them (``--ban-words``); ``ValueError`` for a scorer with no word weights."""
     top = getattr(scorer, "top_words", None)
     if top is None:
         raise ValueError(f"--ban-words needs a scorer with word weights; {type(scorer).__name__} has none")
-    return top(n)
+    return [w for w in top(n + len(GROUP_TERMS)) if w not in GROUP_TERMS][:n]
 
 
 _PROBES = ["You are a stupid worthless idiot.", "I will kill you and your family", "The weather is mild.", "hi"]

@@ -133,7 +133,9 @@ def test_the_classifiers_most_offensive_words_are_profanity_and_banned_in_every_
     _, tokenizer = base
     words = toxicity.offensive_words(toxicity.default_scorer(), 40)
     assert len(words) == 40 and {"fuck", "idiot", "stupid"} <= set(words) and "weather" not in words
-    assert "weather" not in toxicity.offensive_words(toxicity.default_scorer(), 300)
+    top = toxicity.offensive_words(toxicity.default_scorer(), 300)
+    assert len(top) == 300 and "weather" not in top and not set(top) & toxicity.GROUP_TERMS
+    assert {"gay", "white"} <= set(toxicity.default_scorer().top_words(300))  # what the exclusion is for
     with pytest.raises(ValueError, match="word weights"):
         toxicity.offensive_words(TableScorer({}), 10)
     banned = banned_sequences(tokenizer, ["idiot"])
