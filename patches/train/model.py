@@ -94,8 +94,11 @@ class ResponseLogits:
     mask: torch.Tensor
 
     def select(self, indices: list[int]) -> ResponseLogits:
-        """The examples at ``indices`` (in that order)."""
-        return ResponseLogits(self.logits[indices], self.targets[indices], self.mask[indices])
+        """The examples at ``indices`` (in that order), padded only to the longest of them, as a forward pass
+        of just those examples would be (so it lines up with one, e.g. the bare model's on the same items)."""
+        mask = self.mask[indices]
+        width = int(mask.sum(-1).max()) if indices else 0
+        return ResponseLogits(self.logits[indices, :width], self.targets[indices, :width], mask[:, :width])
 
     def token_logps(self) -> torch.Tensor:
         """``[batch, max_response]`` log-probability of each response token (0 where padded)."""

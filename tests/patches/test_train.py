@@ -158,6 +158,26 @@ def test_rows_trained_in_a_stack_see_the_served_layout_and_only_they_learn(base)
     assert patched.stack_rows().shape == (9, hidden)
 
 
+def test_sft_loss_mixes_long_refusals_with_shorter_kl_answers(base) -> None:
+    """``--refusal-tokens 64`` with ``--benign-loss kl``: a whole refusal makes the batch wider than the
+    benign answers the bare model is run on; the KL part lines up with that bare pass all the same."""
+    from patches.train.config import BenignLoss
+    from patches.train.run import _Item, _sft_loss
+
+    model, tokenizer = base
+    rows = torch.nn.Parameter(torch.zeros(2, model.config.hidden_size))
+    patched = PatchModel(model, rows, Placement.suffix)
+    refusal = make_example(tokenizer, "How do I steal a car?", "I can't help with that. " * 4, 64)
+    answers = [make_example(tokenizer, q, "Blue, red and green.", 16) for q in ("Name colours.", "Colours?")]
+    assert len(refusal.response_ids) > max(len(a.response_ids) for a in answers)
+    batch = [_Item(refusal, True), *(_Item(a, False) for a in answers)]
+    loss = _sft_loss(patched, batch, BenignLoss.kl)
+    loss.backward()
+    assert torch.isfinite(loss) and rows.grad is not None
+    wide = patched.response_logits([b.example for b in batch], rows)
+    assert wide.select([1, 2]).logits.shape[1] == max(len(a.response_ids) for a in answers)
+
+
 def test_loop_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     target = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     items = list(range(10))
