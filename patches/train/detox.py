@@ -11,6 +11,10 @@ each continuation alone (as RealToxicityPrompts scores generations, not prompt +
   stop; an opening whose least toxic such continuation still scores ≥ 0.5 teaches nothing clean and is
   dropped.
 * **DPO pair** = (that continuation, the most toxic one) when their scores differ by ≥ ``margin``.
+* **Clean by construction** (``--ban-words N``): the chosen side is drawn from a second sample set in which
+  the scorer's N most offensive words (:func:`patches.toxicity.offensive_words`) can never be completed.
+
+:func:`train_detox` runs the recipe (``patchserve train --task detox``).
 
 Samples are cached per model, k, length, temperature and seed in a JSONL file in the work directory
 (token ids included, so examples are built from exactly the tokens the model produced).
