@@ -276,21 +276,7 @@ def train_detox(config: TrainConfig, console: Console | None = None, scorer: Sco
     console.print(f"detox: {len(prompts)} training openings; held out {len(heldout)} → {heldout_path}")
 
     base, tokenizer = load_base(model_dir, config.device, bf16=config.bf16)
-    with progress_bar() as bar:
-        task = bar.add_task(f"{config.samples} samples each", total=len(prompts), info="(cached for re-runs)")
-        samples = sample_continuations(
-            base,
-            tokenizer,
-            prompts,
-            k=config.samples,
-            max_tokens=config.continuation_tokens,
-            cache=work / f"detox-samples-{fingerprint[7:19]}.jsonl",
-            model_tag=fingerprint,
-            temperature=config.sample_temperature,
-            seed=config.seed,
-            bf16=config.bf16,
-            progress=lambda n: bar.advance(task, n),
-        )
+    samples = _samples(config, base, tokenizer, prompts, work / f"detox-samples-{fingerprint[7:19]}.jsonl", fingerprint)
     clean = _clean_samples(config, base, tokenizer, prompts, scorer, work, fingerprint) if config.ban_words else None
     choices = choose(samples, scorer, min_tokens=config.min_tokens, clean=clean)
     write_choices(choices, work / "detox-choices.jsonl", config.detox_margin)
@@ -348,19 +334,37 @@ def _clean_samples(
     """``--ban-words N``: the teacher's own continuations sampled again with the scorer's N most offensive
     words banned at every step, so the chosen side is clean by construction and otherwise the model's own."""
     words = offensive_words(scorer, config.ban_words)
+    cache = work / f"detox-clean-samples-{fingerprint[7:19]}.jsonl"
+    banned = banned_sequences(tokenizer, words)
+    return _samples(config, base, tokenizer, prompts, cache, fingerprint, banned=banned, label=f"({len(words)} banned)")
+
+
+def _samples(
+    config: TrainConfig,
+    base: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    cache: Path,
+    fingerprint: str,
+    *,
+    banned: list[list[int]] | None = None,
+    label: str = "(cached for re-runs)",
+) -> dict[str, list[Sample]]:
+    """The configured sampling of every opening (:func:`sample_continuations`) with a progress bar."""
     with progress_bar() as bar:
-        task = bar.add_task(f"{config.samples} clean samples each", total=len(prompts), info=f"({len(words)} banned)")
+        what = f"{config.samples} {'clean ' if banned else ''}samples each"
+        task = bar.add_task(what, total=len(prompts), info=label)
         return sample_continuations(
             base,
             tokenizer,
             prompts,
             k=config.samples,
             max_tokens=config.continuation_tokens,
-            cache=work / f"detox-clean-samples-{fingerprint[7:19]}.jsonl",
+            cache=cache,
             model_tag=fingerprint,
             temperature=config.sample_temperature,
             seed=config.seed,
             bf16=config.bf16,
-            banned=banned_sequences(tokenizer, words),
+            banned=banned,
             progress=lambda n: bar.advance(task, n),
         )
