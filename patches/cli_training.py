@@ -58,6 +58,7 @@ def train(
     nll_weight: Annotated[float, typer.Option(help="Chosen-answer NLL weight added to DPO (RPO)")] = 1.0,
     dpo_pairs: Annotated[str, typer.Option(help="DPO pairs: 'all' prompts or 'mined' (stage-1 mistakes)")] = "all",
     dpo_anchors: Annotated[float, typer.Option(help="mined: correct pairs kept per mined pair")] = 1.0,
+    dpo_harmful_repeat: Annotated[int, typer.Option(help="mined: copies of each harmful prompt answered")] = 1,
     batch_size: Annotated[int, typer.Option(help="Examples per step")] = 8,
     response_tokens: Annotated[int, typer.Option(help="Teacher responses cut to this many tokens")] = 40,
     refusal_tokens: Annotated[
@@ -106,7 +107,7 @@ def train(
             init_from=init_from, stack_with=stack_with or [], sft_epochs=sft_epochs, sft_lr=sft_lr,
             benign_repeat=benign_repeat, harmful_repeat=harmful_repeat,
             dpo_epochs=dpo_epochs, dpo_lr=dpo_lr, beta=beta, reference=reference, nll_weight=nll_weight,
-            dpo_pairs=dpo_pairs, dpo_anchors=dpo_anchors,
+            dpo_pairs=dpo_pairs, dpo_anchors=dpo_anchors, dpo_harmful_repeat=dpo_harmful_repeat,
             batch_size=batch_size,
             response_tokens=response_tokens, refusal_tokens=refusal_tokens,
             holdout=holdout, max_prompts=max_prompts, seed=seed, work_dir=work_dir,

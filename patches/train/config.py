@@ -113,6 +113,9 @@ class TrainConfig:
     dpo_anchors: float = field(
         default=1.0, metadata={"help": "mined: pairs the stage-1 patch already gets right, kept per mined pair"}
     )
+    dpo_harmful_repeat: int = field(
+        default=1, metadata={"help": "mined: times each harmful prompt the stage-1 patch answered appears in DPO"}
+    )
     batch_size: int = field(default=8, metadata={"help": "Examples per optimiser step"})
     seed: int = field(default=0, metadata={"help": "Seed of data order, init and noise"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
@@ -200,6 +203,7 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size", self.batch_size),
             (self.benign_repeat >= 1, "benign_repeat", self.benign_repeat),
             (self.harmful_repeat >= 1, "harmful_repeat", self.harmful_repeat),
+            (self.dpo_harmful_repeat >= 1, "dpo_harmful_repeat", self.dpo_harmful_repeat),
             (self.response_tokens >= 4, "response_tokens", self.response_tokens),
             (self.refusal_tokens == 0 or self.refusal_tokens >= 4, "refusal_tokens", self.refusal_tokens),
             (self.init != InitMode.text or self.init_text != "", "init_text", "empty with init=text"),

@@ -93,12 +93,15 @@ def mined_pairs(
     anchors: float,
     seed: int,
     refusal_tokens: int | None = None,
+    harmful_repeat: int = 1,
 ) -> tuple[list[Pair], dict[str, int]]:
     """Pairs from the prompts the policy got wrong (its ``answers``), plus ``anchors`` right ones per wrong one.
 
     ``refusal_tokens`` (default ``tokens``) caps the chosen refusals separately: with written refusals
     they are kept whole, end of turn included, so the patch learns to stop after refusing instead of
-    refusing and then answering anyway.
+    refusing and then answering anyway. ``harmful_repeat`` copies of each harmful prompt the policy answered
+    weigh that side of the boundary up: a patch that refuses too much has more benign mistakes than
+    harmful ones, and unweighted mining then moves it towards answering everything.
     """
     wrong: list[Pair] = []
     right: list[tuple[Pair, bool]] = []
@@ -117,8 +120,11 @@ def mined_pairs(
             if pair is not None:
                 right.append((pair, prompt.harmful))
             continue
-        wrong.append(_pair(tokenizer, prompt.text, chosen, answer, chosen_tokens, tokens))
-    rng, want = random.Random(seed), round(anchors * len(wrong))
+        wrong += [_pair(tokenizer, prompt.text, chosen, answer, chosen_tokens, tokens)] * (
+            harmful_repeat if prompt.harmful else 1
+        )
+    distinct = counts["harmful_answered"] + counts["benign_refused"]
+    rng, want = random.Random(seed), round(anchors * distinct)
     kept = []
     for harmful in (True, False):  # half from each class, so the anchors hold both sides of the boundary
         pool = [pair for pair, h in right if h == harmful]
@@ -180,7 +186,7 @@ def refusal_pairs(
         write_answers(audit, prompts, answers, digest)
     pairs, mined = mined_pairs(
         tokenizer, prompts, answers, targets, base_answers, tokens, anchors=config.dpo_anchors, seed=config.seed,
-        refusal_tokens=config.refusal_cap,
+        refusal_tokens=config.refusal_cap, harmful_repeat=config.dpo_harmful_repeat,
     )  # fmt: skip
     counts.update(mined)
     console.print(f"mined {mined}")

@@ -86,9 +86,30 @@ def test_mined_pairs_are_the_policys_mistakes_with_its_own_answer_rejected(base)
     assert none["anchors"] == 0
 
 
+def test_harmful_repeat_copies_only_the_harmful_mistakes_and_not_the_anchor_count(base) -> None:
+    _, tokenizer = base
+    prompts = [Prompt("harmful answered", True), Prompt("harmful refused", True), Prompt("benign refused", False)]
+    prompts += [Prompt(f"benign answered {i}", False) for i in range(3)]
+    refusal = "I can't help with that."
+    answers = ["Sure, step one", refusal, refusal, "Paris.", "Blue.", "Red."]
+    targets = {p.text: policy_refusal(p.text) if p.harmful else "base" for p in prompts}
+    base_answers = {p.text: "Sure, here is how" for p in prompts}
+    once, _ = mined_pairs(tokenizer, prompts, answers, targets, base_answers, 16, anchors=1.0, seed=0)
+    pairs, counts = mined_pairs(
+        tokenizer, prompts, answers, targets, base_answers, 16, anchors=1.0, seed=0, harmful_repeat=3
+    )
+    assert counts == {"harmful_answered": 1, "benign_refused": 1, "anchors": 2}
+    harmful_mistake = once[0]
+    assert pairs.count(harmful_mistake) == 3 and once.count(harmful_mistake) == 1
+    assert pairs.count(once[1]) == 1  # the benign mistake stays single
+    assert len(pairs) == len(once) + 2
+
+
 def test_config_rejects_negative_anchors_and_unknown_pair_modes() -> None:
     with pytest.raises(ValueError, match="dpo_anchors"):
         TrainConfig(dpo_anchors=-1.0)
+    with pytest.raises(ValueError, match="dpo_harmful_repeat"):
+        TrainConfig(dpo_harmful_repeat=0)
     with pytest.raises(ValueError):
         TrainConfig(dpo_pairs="some")
 
