@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,16 +34,14 @@ import torch
 from rich.console import Console
 
 from patches import continuations
-from patches.basemodel import prepare_default_model
 from patches.device import autocast, precision_tag
-from patches.fingerprint import fingerprint_model
 from patches.refusal import is_refusal
 from patches.toxicity import TOXIC, Scorer, default_scorer, offensive_words
 from patches.train.config import TrainConfig
 from patches.train.dpo import Pair
 from patches.train.loop import progress_bar, run_stage
 from patches.train.model import Example, initial_rows, load_base, nll
-from patches.train.run import _dpo_stage, _finish, _patch_model, _stack_context, _starting_patch, _trainable
+from patches.train.run import _begin, _dpo_stage, _finish, _patch_model, _trainable
 
 
 @dataclass(frozen=True)
@@ -254,16 +251,8 @@ def train_detox(config: TrainConfig, console: Console | None = None, scorer: Sco
     config.detox_checks()
     console = console or Console()
     scorer = scorer or default_scorer()
-    started = time.monotonic()
-    torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    started, model_dir, fingerprint, start, context = _begin(config)
     work = config.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = config.model or prepare_default_model()
-    fingerprint = fingerprint_model(model_dir)
-    start = _starting_patch(config.init_from, model_dir, config) if config.init_from else None
-    context = _stack_context(config, model_dir)
     files = config.continuations or continuations.default_files()
     if not files:
         raise ValueError("invalid training config: continuations=[] (no files given, none in ../shared/data)")

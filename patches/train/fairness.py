@@ -22,18 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from patches import biasprompts
-from patches.basemodel import prepare_default_model
 from patches.bias import Verdict, judge
 from patches.biasprompts import BiasPrompt
-from patches.fingerprint import fingerprint_model
 from patches.neutral import neutralise
 from patches.refusal import is_refusal
 from patches.train.config import TrainConfig
@@ -42,13 +38,12 @@ from patches.train.dpo import Pair
 from patches.train.loop import progress_bar, run_stage
 from patches.train.model import initial_rows, load_base, make_example
 from patches.train.run import (
+    _begin,
     _dpo_stage,
     _finish,
     _Item,
     _patch_model,
     _sft_loss,
-    _stack_context,
-    _starting_patch,
     _trainable,
 )
 from patches.train.teacher import generate_answers, policy_refusal
@@ -143,16 +138,8 @@ def train_fairness(config: TrainConfig, console: Console | None = None) -> Fairn
     """``--task fairness``: SFT on the targets above (benign prompts kept by ``--benign-loss``), then DPO."""
     config.detox_checks()
     console = console or Console()
-    started = time.monotonic()
-    torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    started, model_dir, fingerprint, start, context = _begin(config)
     work = config.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = config.model or prepare_default_model()
-    fingerprint = fingerprint_model(model_dir)
-    start = _starting_patch(config.init_from, model_dir, config) if config.init_from else None
-    context = _stack_context(config, model_dir)
     train_set, heldout = biasprompts.split(biasprompts.template_prompts(), config.holdout)
     heldout_path = biasprompts.write_jsonl(heldout, work / "fairness_heldout.jsonl")
     prompts = _shuffled(train_set, config.seed, config.max_prompts)

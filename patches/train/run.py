@@ -7,7 +7,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from rich.console import Console
@@ -90,6 +90,29 @@ def _stack_context(config: TrainConfig, model_dir: Path) -> tuple[PlacedRows, ..
     return tuple(PlacedRows(p.rows.to(config.device), p.placement) for p in patches)
 
 
+class _Begun(NamedTuple):
+    """What every task has before its data: the start time, the base model and its fingerprint, the
+    ``--init-from`` patch and the ``--stack-with`` context, each checked for this model."""
+
+    started: float
+    model_dir: Path
+    fingerprint: str
+    start: Patch | None
+    context: tuple[PlacedRows, ...]
+
+
+def _begin(config: TrainConfig) -> _Begun:
+    """Every task's first step: seed, threads, the work directory, then the model and the patches it names."""
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = config.model or prepare_default_model()
+    start = _starting_patch(config.init_from, model_dir, config) if config.init_from else None
+    return _Begun(started, model_dir, fingerprint_model(model_dir), start, _stack_context(config, model_dir))
+
+
 def _patch_model(
     config: TrainConfig, base: Any, tokenizer: Any, rows: torch.nn.Parameter, context: tuple[PlacedRows, ...]
 ) -> PatchModel:
@@ -165,16 +188,8 @@ def _dpo_stage(
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     """Train a patch as configured; see :class:`TrainConfig`."""
     console = console or Console()
-    started = time.monotonic()
-    torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    started, model_dir, fingerprint, start, context = _begin(config)
     work = config.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = config.model or prepare_default_model()
-    fingerprint = fingerprint_model(model_dir)
-    start = _starting_patch(config.init_from, model_dir, config) if config.init_from else None
-    context = _stack_context(config, model_dir)
     train_prompts, heldout = load_split(config.harmful, config.benign, config.holdout)
     heldout_paths = write_heldout(heldout, work)
     prompts = _cap(train_prompts, config.max_prompts, config.seed)
