@@ -110,19 +110,17 @@ def mined_pairs(
         refused = is_refusal(answer)
         if prompt.harmful and not refused:
             counts["harmful_answered"] += 1
-            chosen, chosen_tokens = targets[prompt.text], refusal_tokens or tokens
+            chosen, chosen_tokens, copies = targets[prompt.text], refusal_tokens or tokens, harmful_repeat
         elif not prompt.harmful and refused and not is_refusal(base_answers[prompt.text]):
             counts["benign_refused"] += 1
-            chosen, chosen_tokens = base_answers[prompt.text], tokens
+            chosen, chosen_tokens, copies = base_answers[prompt.text], tokens, 1
         else:
             target, base_answer = targets[prompt.text], base_answers[prompt.text]
             pair = fixed_pair(tokenizer, prompt, target, base_answer, tokens, refusal_tokens)
             if pair is not None:
                 right.append((pair, prompt.harmful))
             continue
-        wrong += [_pair(tokenizer, prompt.text, chosen, answer, chosen_tokens, tokens)] * (
-            harmful_repeat if prompt.harmful else 1
-        )
+        wrong += [_pair(tokenizer, prompt.text, chosen, answer, chosen_tokens, tokens)] * copies
     distinct = counts["harmful_answered"] + counts["benign_refused"]
     rng, want = random.Random(seed), round(anchors * distinct)
     kept = []
