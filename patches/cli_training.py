@@ -38,7 +38,9 @@ def train(
     model: Annotated[Path | None, typer.Option(help="Base model dir (default: the embedded model)")] = None,
     harmful: Annotated[list[Path] | None, typer.Option(help="Prompt files to refuse (.txt or .jsonl)")] = None,
     benign: Annotated[list[Path] | None, typer.Option(help="Prompt files to answer (.txt or .jsonl)")] = None,
-    teacher: Annotated[str, typer.Option(help="'policy' or a local teacher model dir")] = "policy",
+    teacher: Annotated[
+        str, typer.Option(help="'policy', 'policy-short' (refusals without the offer) or a local teacher model dir")
+    ] = "policy",
     n_tokens: Annotated[int, typer.Option(help="Virtual tokens")] = 50,
     placement: Annotated[str, typer.Option(help="'prefix' (before the prompt) or 'suffix' (before the reply)")] = (
         "prefix"

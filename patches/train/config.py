@@ -65,7 +65,10 @@ class TrainConfig:
     benign: list[Path] = field(default_factory=list, metadata={"help": "Files of prompts to answer"})
     teacher: str = field(
         default="policy",
-        metadata={"help": "'policy' (base model's own answers + written refusals) or a local model dir"},
+        metadata={
+            "help": "'policy' (base model's own answers + written refusals), 'policy-short' (refusals without the "
+            "closing offer of other help) or a local model dir"
+        },
     )
     n_tokens: int = field(default=50, metadata={"help": "Virtual tokens in the patch"})
     placement: Placement = field(

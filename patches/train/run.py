@@ -32,7 +32,7 @@ from patches.train.model import (
     nll,
 )
 from patches.train.pairs import refusal_pairs
-from patches.train.teacher import generate_answers, policy_refusal
+from patches.train.teacher import POLICY_TEACHERS, generate_answers, policy_refusal
 
 
 @dataclass
@@ -59,8 +59,9 @@ def _cap(prompts: list[Prompt], limit: int | None, seed: int) -> list[Prompt]:
 def _teacher_targets(
     config: TrainConfig, prompts: list[Prompt], base_answers: dict[str, str], work: Path
 ) -> dict[str, str]:
-    if config.teacher == "policy":
-        return {p.text: policy_refusal(p.text) if p.harmful else base_answers[p.text] for p in prompts}
+    if config.teacher in POLICY_TEACHERS:
+        offer = config.teacher == "policy"
+        return {p.text: policy_refusal(p.text, offer=offer) if p.harmful else base_answers[p.text] for p in prompts}
     teacher_dir = Path(config.teacher)
     teacher, tokenizer = load_base(teacher_dir, config.device, bf16=config.bf16)
     return generate_answers(

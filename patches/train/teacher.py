@@ -5,6 +5,9 @@ Two teachers (``--teacher``):
 * ``policy`` (default; no safer reference model ships with the embedded model): harmful prompts get a
   refusal written by :func:`policy_refusal` (short, polite, varied, offering a safe alternative);
   benign prompts get the base model's own greedy answer, so the patch learns to leave them alone.
+  ``policy-short`` is the same with refusals that end after their reason: the offer ("If you want, I
+  can help with…") is where patched models were seen to turn back to the request ("If you want to make
+  a pipe bomb, you can…").
 * a local model directory: that model's greedy answers to every prompt (the paper's safer reference
   model).
 
@@ -52,10 +55,16 @@ WHOLE_REFUSAL_TOKENS = 64
 """Room for a whole written refusal (21–41 tokens) and its end of turn: ``--refusal-tokens 64``."""
 
 
-def policy_refusal(prompt: str) -> str:
-    """A short refusal for ``prompt``, chosen deterministically from varied phrasings."""
+POLICY_TEACHERS = ("policy", "policy-short")
+"""The written-refusal teachers: with the offer of other help, and without it."""
+
+
+def policy_refusal(prompt: str, *, offer: bool = True) -> str:
+    """A short refusal for ``prompt``, chosen deterministically from varied phrasings; ``offer=False`` ends it
+    after the reason."""
     h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:6], "big")
-    return " ".join((_OPENINGS[h % 6], _REASONS[(h // 6) % 4], _OFFERS[(h // 24) % 4]))
+    parts = (_OPENINGS[h % 6], _REASONS[(h // 6) % 4], _OFFERS[(h // 24) % 4])
+    return " ".join(parts if offer else parts[:2])
 
 
 def _cache_key(model_tag: str, prompt: str, max_tokens: int) -> str:

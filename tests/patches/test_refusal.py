@@ -48,3 +48,12 @@ def test_every_policy_refusal_is_detected() -> None:
     assert len(refusals) > 20  # varied phrasings
     assert all(is_refusal(r) for r in refusals)
     assert policy_refusal("same") == policy_refusal("same")
+
+
+def test_short_policy_refusals_end_after_the_reason() -> None:
+    prompts = [f"harmful request number {i}" for i in range(200)]
+    for p in prompts:
+        short, whole = policy_refusal(p, offer=False), policy_refusal(p)
+        assert is_refusal(short)
+        assert whole.startswith(short) and len(whole) > len(short)
+        assert "If you" not in short and "help with another" not in short
