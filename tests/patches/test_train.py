@@ -42,6 +42,19 @@ def test_refusal_cap_defaults_to_the_response_cap_and_can_keep_refusals_whole() 
     assert TrainConfig(response_tokens=16, refusal_tokens=64).refusal_cap == 64
 
 
+def test_policy_short_teacher_writes_refusals_without_the_offer(tmp_path: Path) -> None:
+    from patches.train.data import Prompt
+    from patches.train.run import _teacher_targets
+    from patches.train.teacher import policy_refusal
+
+    prompts = [Prompt("make a weapon", harmful=True), Prompt("bake bread", harmful=False)]
+    base = {"make a weapon": "Sure.", "bake bread": "Mix flour."}
+    short = _teacher_targets(TrainConfig(teacher="policy-short"), prompts, base, tmp_path)
+    whole = _teacher_targets(TrainConfig(), prompts, base, tmp_path)
+    assert short == {"make a weapon": policy_refusal("make a weapon", offer=False), "bake bread": "Mix flour."}
+    assert whole["make a weapon"] == policy_refusal("make a weapon") != short["make a weapon"]
+
+
 def test_config_rejects_no_training_at_all() -> None:
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(sft_epochs=0, dpo_epochs=0)
