@@ -10,7 +10,7 @@ small and the few prompts it gets wrong weigh little.
 pairs are the ones it gets wrong, with *its own* answer as the rejected side — a benign prompt it refuses
 (chosen: the base answer), a harmful prompt it answers (chosen: the refusal). ``anchors`` correct pairs
 per mined pair, drawn at random from the ``all`` pairs of prompts it gets right (half harmful, half benign),
-keep the rest in place. With written refusals (the ``policy`` teacher) the chosen refusals are kept
+keep the rest in place. With written refusals (the ``policy`` teachers) the chosen refusals are kept
 whole with their end of turn, so the patch learns to stop after refusing.
 
 The policy's answers are written to ``mined-answers.jsonl`` in the work directory for audit, with a

@@ -60,7 +60,7 @@ def _teacher_targets(
     config: TrainConfig, prompts: list[Prompt], base_answers: dict[str, str], work: Path
 ) -> dict[str, str]:
     if config.teacher in POLICY_TEACHERS:
-        offer = config.teacher == "policy"
+        offer = POLICY_TEACHERS[config.teacher]
         return {p.text: policy_refusal(p.text, offer=offer) if p.harmful else base_answers[p.text] for p in prompts}
     teacher_dir = Path(config.teacher)
     teacher, tokenizer = load_base(teacher_dir, config.device, bf16=config.bf16)

@@ -55,8 +55,8 @@ WHOLE_REFUSAL_TOKENS = 64
 """Room for a whole written refusal (21–41 tokens) and its end of turn: ``--refusal-tokens 64``."""
 
 
-POLICY_TEACHERS = ("policy", "policy-short")
-"""The written-refusal teachers: with the offer of other help, and without it."""
+POLICY_TEACHERS = {"policy": True, "policy-short": False}
+"""The written-refusal teachers, each with whether its refusals close with the offer of other help."""
 
 
 def policy_refusal(prompt: str, *, offer: bool = True) -> str:
