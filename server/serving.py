@@ -207,15 +207,15 @@ class CompletionService:
     async def admit(self, caller: Caller, model: str | None) -> ResolvedStack:
         """Fix the request's patch stack, once, from ``model`` and ``X-Patch-Stack``
         (:meth:`TenantResolver.select`). A stack served before is resolved at once (lookups and a hash);
-        a stack's first use composes its layout, in a worker thread."""
+        a stack's first use composes its layout, in a worker thread, from the admission already done."""
         resolver = self.resolver
         if resolver is None:
             raise RuntimeError("CompletionService has no resolver")
         args = (caller.tenant, caller.stack_header, model, self.model_name)
         try:
             return resolver.select(*args, compose=False)
-        except NotComposed:
-            return await asyncio.to_thread(resolver.select, *args)
+        except NotComposed as pending:
+            return await asyncio.to_thread(resolver.compose, pending.stack)
 
     async def chat(
         self, request: ChatCompletionRequest, stack: ResolvedStack

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,11 +32,18 @@ STACK_HEADER = "X-Patch-Stack"
 TENANT_HEADER = "X-Tenant-Id"
 APPLIED_HEADER = "X-Patch-Applied"
 _LAYOUT_CACHE_SIZE = 1024
+_MISSING = object()  # no cached layout (None is a valid one: the empty stack)
 
 
 class NotComposed(Exception):
     """The selected stack's layout has not been composed yet (from :meth:`TenantResolver.select` with
-    ``compose=False``): select it again where blocking is fine (composing casts and joins tensors)."""
+    ``compose=False``). ``stack`` is the request's stack, admitted (parsed, checked, salted) but without its
+    layout: pass it to :meth:`TenantResolver.compose` where blocking is fine (composing casts and joins
+    tensors), so the request is not parsed and admitted a second time."""
+
+    def __init__(self, message: str, stack: ResolvedStack) -> None:
+        super().__init__(message)
+        self.stack = stack
 
 
 @dataclass(frozen=True)
@@ -181,8 +188,17 @@ class TenantResolver:
         patches = self.admissible(tenant, refs, param=param)
         digests = tuple(p.digest for p in patches)
         salt = hashlib.sha256("\0".join((tenant.id, *digests)).encode()).hexdigest()[:32]
-        layout = self._layout(patches, digests, compose)
-        return ResolvedStack(tenant=tenant.id, patches=tuple(patches), layout=layout, cache_salt=salt)
+        stack = ResolvedStack(tenant=tenant.id, patches=tuple(patches), layout=None, cache_salt=salt)
+        layout = self._cached_layout(digests)
+        if layout is _MISSING:
+            if not compose:
+                raise NotComposed(f"the layout of stack {stack.applied} is not composed", stack)
+            return self.compose(stack)
+        return replace(stack, layout=layout)
+
+    def compose(self, stack: ResolvedStack) -> ResolvedStack:
+        """``stack`` with its layout, composed (and cached) if no other request composed it first; blocks."""
+        return replace(stack, layout=self._layout(list(stack.patches), tuple(p.digest for p in stack.patches)))
 
     def admissible(self, tenant: Tenant, refs: list[PatchRef] | None, *, param: str = STACK_HEADER) -> list[Patch]:
         """The patches ``refs`` (None: the default stack) resolve to for ``tenant``, if it may use them.
@@ -239,13 +255,18 @@ class TenantResolver:
             out.setdefault(model_name(base, refs), patches)
         return list(out.items())
 
-    def _layout(self, patches: list[Patch], key: tuple[str, ...], compose: bool = True) -> Layout | None:
+    def _cached_layout(self, key: tuple[str, ...]) -> Layout | None | object:
+        """The cached layout of the stack of digests ``key`` (``None`` for no patches), else ``_MISSING``."""
         with self._layouts_lock:
             if key in self._layouts:
                 self._layouts.move_to_end(key)
                 return self._layouts[key]
-        if not compose:
-            raise NotComposed(f"the layout of stack {'+'.join(p.ref for p in patches) or 'none'} is not composed")
+        return _MISSING
+
+    def _layout(self, patches: list[Patch], key: tuple[str, ...]) -> Layout | None:
+        cached = self._cached_layout(key)
+        if cached is not _MISSING:
+            return cached  # type: ignore[return-value]
         layout = compose_stack(patches, separator_id=self._separator_id)  # outside the lock: may be slow
         if layout is not None:
             layout = layout.to(self._dtype)

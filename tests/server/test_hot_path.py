@@ -151,9 +151,10 @@ def test_a_stack_resolves_without_blocking_once_its_layout_is_composed(client: t
     resolver = _fresh_resolver(http)
     tenant = resolver.config.get("stacked")
     assert tenant is not None
-    with pytest.raises(NotComposed):
+    with pytest.raises(NotComposed) as pending:
         resolver.select(tenant, None, None, "base", compose=False)
-    first = resolver.select(tenant, None, None, "base")
+    assert pending.value.stack.layout is None and pending.value.stack.applied != "none"
+    first = resolver.compose(pending.value.stack)  # finishes the admitted stack: no second parse or admission
     again = resolver.select(tenant, None, None, "base", compose=False)
     assert again.layout is first.layout and again.layout is not None
     assert (again.cache_salt, again.applied) == (first.cache_salt, first.applied)
@@ -182,6 +183,7 @@ def test_admission_uses_a_worker_thread_only_to_compose(
 
     first, second = asyncio.run(admit_twice())
     assert len(threads) == 1  # the first admission composed the layout; the second found it
+    assert getattr(threads[0], "__name__", "") == "compose"  # only the composing runs off the loop, not select
     assert first.layout is second.layout and first.applied == second.applied == "alpha@1+beta@1"
 
 
