@@ -16,8 +16,9 @@ def test_shipped_refusal_patches_verify_against_the_embedded_model(model_dir: Pa
     trust = TrustStore.load(DEMO / "trust")
     paths = sorted((DEMO / "patches").glob("refusal-v*.safetensors"))
     patches = [Verifier(trust).verify_file(path, expect=model_spec(model_dir)) for path in paths]
-    # refusal@3 (prefix, the earlier one, kept selectable) and refusal@10 (suffix), which demo-patched serves
-    assert sorted((p.version, p.placement.value) for p in patches) == [(3, "prefix"), (10, "suffix")]
+    # refusal@3 (prefix) and refusal@10 (suffix), the earlier ones, kept selectable, and refusal@22 (suffix),
+    # which demo-patched serves
+    assert sorted((p.version, p.placement.value) for p in patches) == [(3, "prefix"), (10, "suffix"), (22, "suffix")]
     for patch in patches:
         assert patch.name == "refusal" and patch.n_tokens == 50
         assert patch.meta.signer == key_id(load_public_key(DEMO / "trust" / "demo-signer.pub"))
